@@ -1,0 +1,182 @@
+"""Calibration activations: capture what enters the blocks, run blocks on cached inputs, collect statistics.
+
+The parent model calls each block with the hidden states plus context (masks, position embeddings, position
+ids, ...) that may differ per block: Gemma3 and Qwen2 pass sliding-window masks to some blocks and full masks
+to others. So the context of EVERY block is recorded once, by forward pre-hooks (all args and kwargs) during
+one dense forward of a single calibration window; calibration windows carry no padding, so that context holds
+for every window (batch dimension 1 broadcasts). The hidden states entering block 0 are captured for all
+windows by a pre-hook that stops the forward there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .metrics.base import LayerStats
+from .models.adapter import LinearRef, ModelAdapter
+from .runtime import move_tree
+
+#: keyword arguments through which a parent passes a KV cache; calibration never uses one
+CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past")
+
+
+@dataclass
+class BlockCall:
+    """Everything a block receives besides the hidden states: positional args after them and keyword args."""
+
+    args: tuple
+    kwargs: dict
+
+    def to(self, device: torch.device) -> BlockCall:
+        return BlockCall(move_tree(self.args, device), move_tree(self.kwargs, device))
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    kwargs = dict(kwargs)
+    if args:
+        hidden, rest = args[0], tuple(args[1:])
+    else:
+        hidden, rest = kwargs.pop("hidden_states"), ()
+    for key in CACHE_KWARGS:
+        if key in kwargs:
+            kwargs[key] = None
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return hidden, rest, kwargs
+
+
+def record_block_calls(adapter: ModelAdapter, window: torch.Tensor) -> list[BlockCall]:
+    """Run one dense forward of ``window`` (1 x seqlen ids) and record each block's call context."""
+    calls: list[BlockCall | None] = [None] * adapter.num_blocks
+
+    def recorder(index: int):
+        def hook(module, args, kwargs):
+            _, rest, kw = _split_hidden(args, kwargs)
+            calls[index] = BlockCall(rest, kw)
+
+        return hook
+
+    handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(adapter.blocks)]
+    try:
+        with torch.inference_mode():
+            adapter.base_model(input_ids=window.to(adapter.input_device()), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [i for i, call in enumerate(calls) if call is None]
+    if missing:
+        raise RuntimeError(f"blocks {missing} were never called by the model's forward")
+    return calls  # type: ignore[return-value]
+
+
+class _FirstBlockReached(Exception):
+    """Ends a capture forward at block 0: nothing after the block's inputs is needed."""
+
+
+def capture_block_inputs(
+    adapter: ModelAdapter, input_ids: torch.Tensor, batch_size: int, store: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Hidden states entering block 0 for every window: (n, seqlen, hidden) on ``store``."""
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        hidden, _, _ = _split_hidden(args, kwargs)
+        captured.append(hidden.detach().to(store, dtype))
+        raise _FirstBlockReached
+
+    handle = adapter.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    device = adapter.input_device()
+    try:
+        with torch.inference_mode():
+            for start in range(0, input_ids.shape[0], batch_size):
+                try:
+                    adapter.base_model(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
+                except _FirstBlockReached:
+                    pass
+    finally:
+        handle.remove()
+    return torch.cat(captured) if len(captured) > 1 else captured[0]
+
+
+def run_block(
+    block: nn.Module,
+    call: BlockCall,
+    hidden: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    write_back: bool,
+) -> None:
+    """Run ``block`` over ``hidden`` in micro-batches; with ``write_back`` replace ``hidden`` by the outputs."""
+    with torch.inference_mode():
+        for start in range(0, hidden.shape[0], batch_size):
+            chunk = hidden[start : start + batch_size].to(device, non_blocking=True)
+            out = block(chunk, *call.args, **call.kwargs)
+            if isinstance(out, tuple):
+                out = out[0]
+            if write_back:
+                hidden[start : start + batch_size].copy_(out)
+
+
+class StatsCollector:
+    """Forward pre-hooks on one block's linear layers accumulating input statistics in float32.
+
+    Layers fed the very same tensor (q/k/v, gate/up) share one accumulator, so each statistic is computed once.
+    """
+
+    def __init__(self, layers: list[LinearRef], sq_norm: bool, hessian: bool):
+        self.layers = layers
+        self.want_sq_norm = sq_norm
+        self.want_hessian = hessian
+        self.stats: dict[str, LayerStats] = {}
+        self.shared_with: dict[str, str] = {}
+        self._last_input: torch.Tensor | None = None
+        self._last_owner: str | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> StatsCollector:
+        for ref in self.layers:
+            self._handles.append(ref.module.register_forward_pre_hook(self._hook(ref)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._last_input = None
+
+    def _hook(self, ref: LinearRef):
+        def hook(module, inputs):
+            x = inputs[0]
+            if x is self._last_input:
+                self.shared_with[ref.name] = self._last_owner
+                return
+            self._last_input, self._last_owner = x, ref.name
+            self._accumulate(ref, x)
+
+        return hook
+
+    def _accumulate(self, ref: LinearRef, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        stats = self.stats.get(ref.name)
+        if stats is None:
+            stats = self.stats[ref.name] = LayerStats()
+            dim = x.shape[1]
+            if self.want_sq_norm:
+                stats.sq_norm = torch.zeros(dim, dtype=torch.float32, device=x.device)
+            if self.want_hessian:
+                stats.hessian = torch.zeros(dim, dim, dtype=torch.float32, device=x.device)
+        stats.tokens += x.shape[0]
+        if stats.sq_norm is not None:
+            stats.sq_norm += x.square().sum(0)
+        if stats.hessian is not None:
+            stats.hessian.addmm_(x.t(), x)
+
+    def result(self) -> dict[str, LayerStats]:
+        """Statistics for every layer that saw input (shared accumulators appear under each name)."""
+        out = dict(self.stats)
+        for name, owner in self.shared_with.items():
+            out[name] = self.stats[owner]
+        return out

@@ -1,0 +1,199 @@
+"""Command line: ``mrprune prune|eval|info``, a thin layer over :mod:`mrprune.api`.
+
+Every prune option maps to one PruneConfig field (the table below is the single source of both), so each can
+also be set from a YAML/JSON file with ``--config``; flags given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from . import __version__
+from .allocate import ALLOCATORS
+from .config import PruneConfig, check_positive, dump_config, load_config, merge
+from .errors import MrpruneError
+from .metrics import METRICS
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    path: str  # dotted PruneConfig field
+    help: str
+    type: Any = str
+    choices: Any = None
+    flag_only: bool = False  # a switch: present means True
+
+
+PRUNE_OPTIONS = [
+    Option("--model", "model", "local HF directory, .gguf file (or a directory holding one), or hub id; "
+           "default: the embedded SmolLM2-135M-Instruct"),
+    Option("--metric", "metric", "how weights are ranked (default wanda)", choices=sorted(METRICS)),
+    Option("--sparsity", "sparsity", "global target sparsity in [0, 1) over decoder linear weights "
+           "(default 0.5; implied by an N:M pattern)", type=float),
+    Option("--pattern", "pattern", "'unstructured' (default) or N:M: N of every M consecutive weights pruned"),
+    Option("--allocation", "allocation.method", "how much each block is pruned (default uniform)",
+           choices=sorted(ALLOCATORS)),
+    Option("--ratios", "allocation.ratios", "JSON/YAML ratios for --allocation file"),
+    Option("--granularity", "allocation.granularity", "allocate per block (default) or per linear layer",
+           choices=("block", "layer")),
+    Option("--calib", "calibration.source", "calibration text: a .txt/.jsonl/.parquet file, a hub dataset "
+           "(c4, wikitext2) or 'embedded'; default c4 when online, else embedded"),
+    Option("--calib-column", "calibration.column", "text column of a JSONL/parquet file (default text)"),
+    Option("--nsamples", "calibration.nsamples", "calibration windows (default 128)", type=int),
+    Option("--seqlen", "calibration.seqlen", "tokens per calibration window (default 2048)", type=int),
+    Option("--seed", "calibration.seed", "seed of the calibration sampling (default 0)", type=int),
+    Option("--device", "runtime.device", "auto (default: CUDA when present), cpu, cuda, cuda:N"),
+    Option("--dtype", "runtime.dtype", "auto (default: float32 on CPU, bfloat16 on GPU), float32, bfloat16, "
+           "float16"),
+    Option("--offload", "runtime.offload", "keep blocks on the CPU, moving one at a time to the device",
+           flag_only=True),
+    Option("--offload-activations", "runtime.offload_activations",
+           "keep cached calibration activations on the CPU too", flag_only=True),
+    Option("--batch-size", "runtime.batch_size", "calibration windows per block forward (default 8)", type=int),
+    Option("--trust-remote-code", "runtime.trust_remote_code", "allow model code from the hub", flag_only=True),
+    Option("--sparsegpt-blocksize", "sparsegpt.blocksize", "SparseGPT column block (default 128)", type=int),
+    Option("--sparsegpt-damp", "sparsegpt.percdamp", "SparseGPT dampening, fraction of mean diag H "
+           "(default 0.01)", type=float),
+    Option("--eval", "evaluate", "measure perplexity before and after pruning", flag_only=True),
+    Option("--eval-text", "evaluation.text", "evaluation text (file, wikitext2, c4, embedded); default "
+           "wikitext2 when online, else embedded"),
+    Option("--eval-seqlen", "evaluation.seqlen", "tokens per evaluation window (default 2048)", type=int),
+    Option("--max-windows", "evaluation.max_windows", "evaluate at most this many windows", type=int),
+    Option("--bos", "evaluation.bos", "BOS at the start of every window: auto (if the tokenizer adds one), "
+           "always, never", choices=("auto", "always", "never")),
+    Option("--output", "output", "write the pruned model and mrprune_report.json to this directory"),
+    Option("--overwrite", "overwrite", "replace an existing --output directory", flag_only=True),
+]
+
+
+def _add_option(parser: argparse.ArgumentParser, option: Option) -> None:
+    dest = option.path.replace(".", "__")
+    if option.flag_only:
+        parser.add_argument(option.flag, dest=dest, action="store_const", const=True, default=None, help=option.help)
+    else:
+        parser.add_argument(option.flag, dest=dest, type=option.type, choices=option.choices, default=None,
+                            help=option.help, metavar=None if option.choices else option.flag.lstrip("-").upper())
+
+
+def config_from_args(args: argparse.Namespace) -> PruneConfig:
+    """Defaults, then the --config file, then flags given on the command line."""
+    config = load_config(args.config) if args.config else PruneConfig()
+    overrides = {o.path: getattr(args, o.path.replace(".", "__")) for o in PRUNE_OPTIONS}
+    return merge(config, {k: v for k, v in overrides.items() if v is not None})
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.dump_config:
+        sys.stdout.write(dump_config(config.validate()))
+        return 0
+    from .api import prune
+
+    outcome = prune(config=config, progress=not args.quiet)
+    print(outcome.report.format_text())
+    if outcome.output is not None:
+        print(f"saved to {outcome.output}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .api import evaluate_perplexity
+
+    check_positive("--seqlen", args.seqlen)
+    if args.max_windows is not None:
+        check_positive("--max-windows", args.max_windows)
+    result = evaluate_perplexity(
+        args.model, text=args.text, seqlen=args.seqlen, max_windows=args.max_windows, bos=args.bos,
+        device=args.device, dtype=args.dtype, offload=args.offload, progress=not args.quiet,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else str(result))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .describe import model_info
+
+    info = model_info(args.model, trust_remote_code=args.trust_remote_code)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def format_info(info: dict) -> str:
+    lines = [f"{k:<24}{v}" for k, v in info.items() if k not in ("layers", "blocks")]
+    lines.append("linear layers of block 0 (out x in):")
+    lines += [f"  {layer['name']:<40}{layer['shape'][0]} x {layer['shape'][1]}" for layer in info["layers"]]
+    lines.append("block sparsity: " + " ".join(f"{b:.3f}" for b in info["blocks"]))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mrprune", description="Prune Hugging Face causal LMs with layerwise sparsity allocation.")
+    parser.add_argument("--version", action="version", version=f"mrprune {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_argument("-q", "--quiet", action="store_true", help="only warnings; no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("prune", parents=[common], help="prune a model", description="Prune a model.")
+    p.add_argument("--config", help="YAML/JSON file of options (keys as in --dump-config)")
+    p.add_argument("--dump-config", action="store_true", help="print the effective config as YAML and exit")
+    for option in PRUNE_OPTIONS:
+        _add_option(p, option)
+    p.set_defaults(handler=cmd_prune)
+
+    e = sub.add_parser("eval", parents=[common], help="perplexity of a model", description="Measure perplexity.")
+    e.add_argument("model", nargs="?", default=None, help="model directory, .gguf or hub id (default: embedded)")
+    e.add_argument("--text", default=None, help="text file, wikitext2, c4 or embedded (default: wikitext2 when "
+                   "online, else embedded)")
+    e.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+    e.add_argument("--bos", choices=("auto", "always", "never"), default="auto", help="BOS per window")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--offload", action="store_true", help="stream blocks to the device one at a time")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(handler=cmd_eval)
+
+    i = sub.add_parser("info", parents=[common], help="describe a model", description="Describe a model.")
+    i.add_argument("model", nargs="?", default=None, help="model directory, .gguf or hub id (default: embedded)")
+    i.add_argument("--trust-remote-code", action="store_true")
+    i.add_argument("--json", action="store_true", help="print as JSON")
+    i.set_defaults(handler=cmd_info)
+    return parser
+
+
+def setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    try:
+        return args.handler(args)
+    except MrpruneError as exc:
+        print(f"mrprune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("mrprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Typed configuration for every mrprune job.
+
+A config is a tree of dataclasses. It serialises to plain dicts (YAML/JSON), so a run's effective settings can
+be saved in its report and replayed with ``mrprune prune --config``. Loading is strict: an unknown key is an
+error naming the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class CalibrationConfig:
+    """Where calibration windows come from. ``source`` None means the hub's C4 when online, else embedded text."""
+
+    source: str | None = None
+    column: str = "text"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Perplexity protocol: non-overlapping windows of ``seqlen`` tokens, optional BOS per window."""
+
+    text: str | None = None
+    seqlen: int = 2048
+    max_windows: int | None = None
+    bos: str = "auto"
+
+
+@dataclass
+class SparseGPTConfig:
+    blocksize: int = 128
+    percdamp: float = 0.01
+
+
+@dataclass
+class AllocationConfig:
+    method: str = "uniform"
+    ratios: str | None = None
+    granularity: str = "block"
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"
+    dtype: str = "auto"
+    offload: bool = False
+    offload_activations: bool = False
+    batch_size: int = 8
+    trust_remote_code: bool = False
+
+
+@dataclass
+class PruneConfig:
+    """Everything one pruning job needs. ``sparsity`` None: implied by the pattern or ratios file, else 0.5."""
+
+    model: str | None = None
+    metric: str = "wanda"
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    sparsegpt: SparseGPTConfig = field(default_factory=SparseGPTConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    evaluate: bool = False
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    output: str | None = None
+    overwrite: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> PruneConfig:
+        """Check value ranges that need no model; raises ConfigError naming the option."""
+        from .allocate import ALLOCATORS
+        from .metrics import METRICS
+        from .metrics.pattern import SparsityPattern
+
+        _check_choice("metric", self.metric, METRICS)
+        _check_choice("allocation.method", self.allocation.method, ALLOCATORS)
+        _check_choice("allocation.granularity", self.allocation.granularity, ("block", "layer"))
+        _check_choice("evaluation.bos", self.evaluation.bos, ("auto", "always", "never"))
+        pattern = SparsityPattern.parse(self.pattern)
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
+            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if pattern.is_nm and self.sparsity is not None and abs(self.sparsity - pattern.sparsity) > 1e-9:
+            raise ConfigError(
+                f"pattern {pattern} implies sparsity {pattern.sparsity:g}, but sparsity {self.sparsity:g} was given"
+            )
+        if pattern.is_nm and self.allocation.method != "uniform":
+            raise ConfigError(
+                f"allocation '{self.allocation.method}' cannot be combined with pattern {pattern}: "
+                "an N:M pattern fixes every layer's sparsity; use --allocation uniform"
+            )
+        if self.allocation.method == "file" and not self.allocation.ratios:
+            raise ConfigError("allocation 'file' needs --ratios FILE (JSON or YAML)")
+        check_positive("calibration.nsamples", self.calibration.nsamples)
+        check_positive("calibration.seqlen", self.calibration.seqlen)
+        check_positive("evaluation.seqlen", self.evaluation.seqlen)
+        check_positive("runtime.batch_size", self.runtime.batch_size)
+        check_positive("sparsegpt.blocksize", self.sparsegpt.blocksize)
+        if self.evaluation.max_windows is not None:
+            check_positive("evaluation.max_windows", self.evaluation.max_windows)
+        if not 0.0 <= self.sparsegpt.percdamp < 1.0:
+            raise ConfigError(f"sparsegpt.percdamp must be in [0, 1), got {self.sparsegpt.percdamp}")
+        return self
+
+
+def _check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {name} '{value}'; choose one of: {', '.join(sorted(choices))}")
+
+
+def check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def read_data(path: str | Path) -> Any:
+    """Parse a YAML or JSON file (JSON is valid YAML; .json files get the stricter JSON parser)."""
+    path = Path(path)
+    is_json = path.suffix.lower() == ".json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        return json.loads(text) if is_json else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path} is not valid {'JSON' if is_json else 'YAML'}: {first_line}") from None
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML/JSON file that must hold a mapping of options (an empty file is an empty mapping)."""
+    data = read_data(path)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of options, found {type(data).__name__}")
+    return data
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are ConfigErrors with the key path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, prefix=f"{path}.")
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, path)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif hint is Any:
+        return value
+    raise ConfigError(f"config key '{path}' expects {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def load_config(path: str | Path, cls: type = PruneConfig) -> Any:
+    return from_dict(cls, read_mapping(path))
+
+
+def merge(config: Any, overrides: dict[str, Any]) -> Any:
+    """Return a copy of ``config`` with dotted-path overrides applied (``{"calibration.nsamples": 32}``)."""
+    config = dataclasses.replace(config)
+    for dotted, value in overrides.items():
+        target = config
+        *parents, leaf = dotted.split(".")
+        for name in parents:
+            child = dataclasses.replace(getattr(target, name))
+            setattr(target, name, child)
+            target = child
+        setattr(target, leaf, value)
+    return config
+
+
+def dump_config(config: Any) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)

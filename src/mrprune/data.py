@@ -1,0 +1,192 @@
+"""Calibration windows and evaluation text, from local files, the hub, or text embedded in every Python.
+
+Calibration follows the Wanda/SparseGPT protocol: with documents, pick a random document longer than
+``seqlen`` and a random window inside it, ``nsamples`` times (Python's ``random`` seeded with ``seed``); with
+one running text, pick random windows of it. The embedded source is CPython's own documentation
+(``pydoc_data.topics``): four fifths of its topics for calibration, the other fifth for evaluation, so the two
+never overlap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+from .hub import hub_reachable
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+HUB_ALIASES = ("wikitext2", "c4")
+EAGER_DOCUMENTS = 20000  # up to this many documents are tokenised up front, so short text fails early
+MAX_DRAWS_PER_SAMPLE = 10000
+
+
+@dataclass
+class Corpus:
+    """Either separate documents or one running text, with a name for the report."""
+
+    name: str
+    documents: list[str] | None = None
+    text: str | None = None
+
+
+def embedded_text(purpose: str) -> str:
+    """CPython's documentation topics: every fifth for evaluation, the rest for calibration."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    chosen = [k for i, k in enumerate(keys) if (i % 5 == 4) == (purpose == "evaluation")]
+    return "\n\n".join(topics[k] for k in chosen)
+
+
+def _read_documents(path: Path, column: str) -> list[str]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            if column not in table.column_names:
+                raise DataError(f"{path} has no column '{column}'; columns: {', '.join(table.column_names)}")
+            values = table.column(column).to_pylist()
+        else:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            rows = [json.loads(line) for line in lines if line.strip()]
+            if len(rows) == 1 and isinstance(rows[0], list):
+                rows = rows[0]
+            if rows and not all(isinstance(r, dict) and column in r for r in rows):
+                raise DataError(f"every record of {path} must be an object with a '{column}' field")
+            values = [r[column] for r in rows]
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    return [v for v in values if isinstance(v, str) and v.strip()]
+
+
+def _hub_corpus(name: str, purpose: str, column: str) -> Corpus:
+    if not hub_reachable():
+        raise DataError(
+            f"'{name}' must be downloaded from the Hugging Face hub, which is unreachable (offline?); "
+            "pass a local text, JSONL or parquet file instead"
+        )
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"loading '{name}' from the hub needs the 'datasets' package: pip install 'mrprune[hub]'") from None
+    calib = purpose == "calibration"
+    if name == "wikitext2":
+        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if calib else "test")
+        return Corpus("wikitext2", text="\n\n".join(rows["text"]))
+    if name == "c4":
+        shard = "en/c4-train.00000-of-01024.json.gz" if calib else "en/c4-validation.00000-of-00008.json.gz"
+        rows = datasets.load_dataset("allenai/c4", data_files={"data": shard}, split="data")
+        if calib:
+            return Corpus("c4", documents=rows["text"])
+        return Corpus("c4", text=" ".join(rows[:1100]["text"]))
+    rows = datasets.load_dataset(name, split="train" if calib else "test")
+    if column not in rows.column_names:
+        raise DataError(f"dataset {name} has no column '{column}'; columns: {', '.join(rows.column_names)}")
+    return Corpus(name, documents=rows[column]) if calib else Corpus(name, text="\n\n".join(rows[column]))
+
+
+def read_corpus(source: str | None, purpose: str, column: str = "text") -> Corpus:
+    """Resolve a --calib / --text value. None: the hub's default corpus when online, else the embedded text."""
+    if source is None:
+        source = ("c4" if purpose == "calibration" else "wikitext2") if hub_reachable() else EMBEDDED
+        log.info("no %s text given: using %s", purpose, source)
+    if source == EMBEDDED:
+        return Corpus(f"embedded:pydoc_data.topics[{purpose}]", text=embedded_text(purpose))
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() in (".parquet", ".jsonl", ".json"):
+            return Corpus(str(path), documents=_read_documents(path, column))
+        try:
+            return Corpus(str(path), text=path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read text file {path}: {exc}") from None
+    if path.exists():
+        raise DataError(f"{source} is not a file")
+    if source in HUB_ALIASES or (source.count("/") == 1 and not source.startswith((".", "/"))):
+        return _hub_corpus(source, purpose, column)
+    raise DataError(f"text source {source} does not exist (give a file, 'embedded', or a hub dataset name)")
+
+
+def sample_calibration(corpus: Corpus, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """(nsamples, seqlen) token ids drawn with the reference protocol; DataError when the text is too short."""
+    rng = random.Random(seed)
+    needed = nsamples * seqlen
+    if corpus.documents is None:
+        ids = tokenizer(corpus.text or "").input_ids
+        if len(ids) <= seqlen or len(ids) < needed:
+            raise DataError(
+                f"{corpus.name} has {len(ids)} tokens, too few for {nsamples} x {seqlen} calibration tokens; "
+                "use a longer text, fewer samples or a shorter seqlen"
+            )
+        starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
+        return torch.tensor([ids[s : s + seqlen] for s in starts], dtype=torch.long)
+
+    documents = corpus.documents
+    if len(documents) > EAGER_DOCUMENTS:
+        # a hub shard: tokenise lazily, as the reference does, and bound the search instead of pre-checking
+        return _sample_documents(rng, _LazyEncoding(tokenizer, documents), nsamples, seqlen)
+    encoded = tokenizer(documents).input_ids
+    total = sum(len(e) for e in encoded)
+    eligible = [i for i, e in enumerate(encoded) if len(e) > seqlen]
+    if not eligible or total < needed:
+        raise DataError(
+            f"{corpus.name} has {total} tokens in {len(encoded)} documents, {len(eligible)} of them longer than "
+            f"seqlen {seqlen}: too little for {nsamples} x {seqlen} calibration tokens; "
+            "use more text, fewer samples or a shorter seqlen"
+        )
+    if sum(len(encoded[i]) for i in eligible) < needed:
+        log.warning(
+            "only %d documents of %s are longer than %d tokens: calibration windows will overlap",
+            len(eligible), corpus.name, seqlen,
+        )
+    return _sample_documents(rng, encoded, nsamples, seqlen)
+
+
+class _LazyEncoding:
+    def __init__(self, tokenizer, documents: list[str]):
+        self.tokenizer, self.documents, self.cache = tokenizer, documents, {}
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def __getitem__(self, i: int) -> list[int]:
+        if i not in self.cache:
+            self.cache[i] = self.tokenizer(self.documents[i]).input_ids
+        return self.cache[i]
+
+
+def _sample_documents(rng: random.Random, encoded, nsamples: int, seqlen: int) -> torch.Tensor:
+    """The reference loop: random document until one is longer than seqlen, then a random window in it."""
+    samples = []
+    attempts = 0
+    for _ in range(nsamples):
+        while True:
+            attempts += 1
+            if attempts > MAX_DRAWS_PER_SAMPLE * nsamples:
+                raise DataError(f"found too few documents longer than seqlen {seqlen}; use a shorter seqlen")
+            doc = rng.randint(0, len(encoded) - 1)
+            if len(encoded[doc]) > seqlen:
+                break
+        start = rng.randint(0, len(encoded[doc]) - seqlen - 1)
+        samples.append(encoded[doc][start : start + seqlen])
+    return torch.tensor(samples, dtype=torch.long)
+
+
+def load_eval_text(source: str | None, column: str = "text") -> Corpus:
+    """Evaluation text as one running string (documents joined with blank lines)."""
+    corpus = read_corpus(source, "evaluation", column)
+    if corpus.text is None:
+        corpus = Corpus(corpus.name, text="\n\n".join(corpus.documents or []))
+    if not corpus.text.strip():
+        raise DataError(f"evaluation text {corpus.name} is empty")
+    return corpus

@@ -1,0 +1,33 @@
+"""What ``mrprune info`` shows: the model's family, block structure and current sparsity."""
+
+from __future__ import annotations
+
+from .models.adapter import get_adapter
+from .models.loading import load_model
+
+
+def zero_fraction(adapter, index: int) -> float:
+    refs = adapter.linear_layers(index)
+    return sum(int((r.weight == 0).sum()) for r in refs) / sum(r.numel for r in refs)
+
+
+def model_info(spec: str | None, trust_remote_code: bool = False) -> dict:
+    loaded = load_model(spec, dtype="auto", device="cpu", trust_remote_code=trust_remote_code)
+    adapter = get_adapter(loaded.model)
+    layers = adapter.all_linear_layers()
+    zeros = sum(int((r.weight == 0).sum()) for r in layers)
+    weights = sum(r.numel for r in layers)
+    return {
+        "source": loaded.source,
+        "loaded_from": str(loaded.local_dir) if loaded.local_dir else loaded.source,
+        "class": type(loaded.model).__name__,
+        "family": adapter.family,
+        "blocks_path": adapter.blocks_name,
+        "num_blocks": adapter.num_blocks,
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "decoder_linear_weights": weights,
+        "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+        "global_sparsity": zeros / weights,
+        "layers": [{"name": r.short_name, "shape": list(r.weight.shape)} for r in adapter.linear_layers(0)],
+        "blocks": [zero_fraction(adapter, i) for i in range(adapter.num_blocks)],
+    }

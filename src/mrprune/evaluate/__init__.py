@@ -1,0 +1,5 @@
+"""Evaluation of (pruned) models."""
+
+from .perplexity import PerplexityResult, perplexity
+
+__all__ = ["PerplexityResult", "perplexity"]

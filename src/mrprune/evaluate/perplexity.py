@@ -1,0 +1,89 @@
+"""Perplexity with the protocol of the SparseGPT/Wanda/OWL papers.
+
+The text is tokenised once and cut into non-overlapping windows of ``seqlen`` tokens; PPL = exp(mean over
+windows of the window's mean next-token NLL). Models whose tokenizer adds BOS (Gemma, Llama-2) get a BOS at
+the start of every window (``bos='auto'``), so each window is ``seqlen`` tokens with the BOS included.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data import Corpus
+from ..errors import DataError
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    text: str
+    windows: int
+    seqlen: int
+    bos_per_window: bool
+
+    @property
+    def protocol(self) -> str:
+        bos = ", BOS per window" if self.bos_per_window else ""
+        return f"{self.text}: {self.windows} non-overlapping windows of {self.seqlen} tokens{bos}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "protocol": self.protocol}
+
+    def __str__(self) -> str:
+        return f"perplexity {self.perplexity:.3f} ({self.protocol})"
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a").input_ids
+    return bool(ids) and ids[0] == bos
+
+
+def eval_windows(tokenizer, text: str, seqlen: int, max_windows: int | None, bos: str) -> tuple[torch.Tensor, bool]:
+    """(windows x seqlen) token ids and whether each window starts with BOS."""
+    per_window_bos = bos == "always" or (bos == "auto" and tokenizer_adds_bos(tokenizer))
+    if per_window_bos and getattr(tokenizer, "bos_token_id", None) is None:
+        raise DataError("BOS per window was asked for but the tokenizer has no BOS token")
+    ids = torch.tensor(tokenizer(text, add_special_tokens=not per_window_bos).input_ids, dtype=torch.long)
+    width = seqlen - 1 if per_window_bos else seqlen
+    count = ids.numel() // width
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise DataError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    windows = ids[: count * width].view(count, width)
+    if per_window_bos:
+        windows = torch.cat([torch.full((count, 1), tokenizer.bos_token_id, dtype=torch.long), windows], dim=1)
+    return windows, per_window_bos
+
+
+@torch.inference_mode()
+def window_nll(model, window: torch.Tensor, device: torch.device) -> float:
+    """Mean next-token negative log-likelihood of one window."""
+    ids = window[None].to(device)
+    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+    return float(F.cross_entropy(logits, ids[0, 1:], reduction="mean"))
+
+
+def perplexity(
+    model,
+    tokenizer,
+    corpus: Corpus,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    bos: str = "auto",
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity of ``model`` (already placed for running on ``device``) on ``corpus.text``."""
+    device = device or next(model.parameters()).device
+    windows, per_window_bos = eval_windows(tokenizer, corpus.text or "", seqlen, max_windows, bos)
+    nlls = [window_nll(model, w, device) for w in tqdm(windows, desc="perplexity", unit="window", disable=not progress)]
+    return PerplexityResult(math.exp(sum(nlls) / len(nlls)), corpus.name, len(nlls), seqlen, per_window_bos)

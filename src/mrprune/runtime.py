@@ -1,0 +1,107 @@
+"""Device placement, timing by phase and peak-memory measurement."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+import time
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PhaseTimer:
+    """Accumulates wall time per named phase; synchronises CUDA so asynchronous kernels are charged correctly."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.device = device or torch.device("cpu")
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            self.seconds[name] += time.perf_counter() - start
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
+def peak_host_memory_mib() -> float:
+    """Peak resident set size of this process so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+def peak_device_memory_mib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def move_tree(obj, device: torch.device):
+    """Move every tensor inside nested tuples/lists/dicts to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, tuple):
+        return tuple(move_tree(x, device) for x in obj)
+    if isinstance(obj, list):
+        return [move_tree(x, device) for x in obj]
+    if isinstance(obj, dict):
+        return {k: move_tree(v, device) for k, v in obj.items()}
+    return obj
+
+
+def move_outside(model: nn.Module, prefix: str, device: torch.device) -> None:
+    """Move all parameters and buffers of ``model`` except those under module ``prefix`` (the block list)."""
+    for name, module in model.named_modules():
+        if name == prefix or name.startswith(prefix + "."):
+            continue
+        for key, param in module._parameters.items():
+            if param is not None and param.device != device:
+                param.data = param.data.to(device)
+        for key, buf in module._buffers.items():
+            if buf is not None and buf.device != device:
+                module._buffers[key] = buf.to(device)
+
+
+def place_model(model: nn.Module, blocks_prefix: str, device: torch.device, offload: bool) -> None:
+    """Put the model where runs expect it: all on ``device``, or with ``offload`` only the non-block parts."""
+    if offload:
+        move_outside(model, blocks_prefix, device)
+    else:
+        model.to(device)
+
+
+@contextlib.contextmanager
+def streamed_blocks(blocks: nn.ModuleList, device: torch.device, offload: bool):
+    """While active, each offloaded block moves to ``device`` for its own forward and back to the CPU after."""
+    if not offload:
+        yield
+        return
+    home = torch.device("cpu")
+
+    def before(module, args):
+        module.to(device)
+
+    def after(module, args, output):
+        module.to(home)
+
+    handles = [h for block in blocks for h in (block.register_forward_pre_hook(before), block.register_forward_hook(after))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        blocks.to(home)

@@ -65,7 +65,8 @@ def _load(model, tokenizer, config: PruneConfig):
     """(model, tokenizer, description, local source dir) for a model object, a path/id, or None (default)."""
     if model is None or isinstance(model, (str, Path)):
         spec = str(model) if model is not None else config.model
-        loaded = load_model(spec, config.runtime.dtype, config.runtime.device, config.runtime.trust_remote_code)
+        r = config.runtime
+        loaded = load_model(spec, r.dtype, r.device, r.trust_remote_code, r.allow_pickle)
         return loaded.model, loaded.tokenizer, loaded.source, loaded.local_dir
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     local = Path(source) if source and Path(source).is_dir() else None
@@ -120,7 +121,7 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
     ppl = {}
     if config.evaluate:
         ppl["before"] = measure().to_dict()
-    records = runner.run(calib_ids, allocation.layer_targets)
+    records = runner.run(calib_ids, allocation.whole_weight_targets(adapter))
     if config.evaluate:
         ppl["after"] = measure().to_dict()
 
@@ -149,10 +150,12 @@ def evaluate_perplexity(
     dtype: str = "auto",
     offload: bool = False,
     progress: bool = True,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> PerplexityResult:
     """Perplexity of a model object or of the model at a path / hub id, on ``text`` (file, dataset or None)."""
     if model is None or isinstance(model, (str, Path)):
-        loaded = load_model(None if model is None else str(model), dtype, device)
+        loaded = load_model(None if model is None else str(model), dtype, device, trust_remote_code, allow_pickle)
         model, tokenizer = loaded.model, loaded.tokenizer
     corpus = load_eval_text(text)
     torch_device = resolve_device(device)

@@ -64,6 +64,8 @@ PRUNE_OPTIONS = [
            "keep cached calibration activations on the CPU too", flag_only=True),
     Option("--batch-size", "runtime.batch_size", "calibration windows per block forward (default 8)", type=int),
     Option("--trust-remote-code", "runtime.trust_remote_code", "allow model code from the hub", flag_only=True),
+    Option("--allow-pickle", "runtime.allow_pickle", "allow pickle (.bin) checkpoints, which can run code",
+           flag_only=True),
     Option("--sparsegpt-blocksize", "sparsegpt.blocksize", "SparseGPT column block (default 128)", type=int),
     Option("--sparsegpt-damp", "sparsegpt.percdamp", "SparseGPT dampening, fraction of mean diag H "
            "(default 0.01)", type=float),
@@ -118,6 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_perplexity(
         args.model, text=args.text, seqlen=args.seqlen, max_windows=args.max_windows, bos=args.bos,
         device=args.device, dtype=args.dtype, offload=args.offload, progress=not args.quiet,
+        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else str(result))
     return 0
@@ -126,7 +129,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .describe import model_info
 
-    info = model_info(args.model, trust_remote_code=args.trust_remote_code)
+    info = model_info(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
 
@@ -137,6 +140,11 @@ def format_info(info: dict) -> str:
     lines += [f"  {layer['name']:<40}{layer['shape'][0]} x {layer['shape'][1]}" for layer in info["layers"]]
     lines.append("block sparsity: " + " ".join(f"{b:.3f}" for b in info["blocks"]))
     return "\n".join(lines)
+
+
+def _add_loading_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) checkpoints")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,12 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="auto")
     e.add_argument("--offload", action="store_true", help="stream blocks to the device one at a time")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_loading_flags(e)
     e.set_defaults(handler=cmd_eval)
 
     i = sub.add_parser("info", parents=[common], help="describe a model", description="Describe a model.")
     i.add_argument("model", nargs="?", default=None, help="model directory, .gguf or hub id (default: embedded)")
-    i.add_argument("--trust-remote-code", action="store_true")
     i.add_argument("--json", action="store_true", help="print as JSON")
+    _add_loading_flags(i)
     i.set_defaults(handler=cmd_info)
     return parser
 

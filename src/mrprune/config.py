@@ -63,6 +63,7 @@ class RuntimeConfig:
     offload_activations: bool = False
     batch_size: int = 8
     trust_remote_code: bool = False
+    allow_pickle: bool = False
 
 
 @dataclass

@@ -3,8 +3,8 @@
 Calibration follows the Wanda/SparseGPT protocol: with documents, pick a random document longer than
 ``seqlen`` and a random window inside it, ``nsamples`` times (Python's ``random`` seeded with ``seed``); with
 one running text, pick random windows of it. The embedded source is CPython's own documentation
-(``pydoc_data.topics``): four fifths of its topics for calibration, the other fifth for evaluation, so the two
-never overlap.
+(``pydoc_data.topics``): four fifths of its unique paragraphs for calibration, the other fifth for evaluation,
+so the two never overlap.
 """
 
 from __future__ import annotations
@@ -38,12 +38,17 @@ class Corpus:
 
 
 def embedded_text(purpose: str) -> str:
-    """CPython's documentation topics: every fifth for evaluation, the rest for calibration."""
+    """CPython's documentation topics, split into disjoint calibration and evaluation parts.
+
+    Topics repeat whole paragraphs, so the split is over unique paragraphs: runs of 10 in document order,
+    every fifth run for evaluation, the rest for calibration.
+    """
     from pydoc_data.topics import topics
 
-    keys = sorted(topics)
-    chosen = [k for i, k in enumerate(keys) if (i % 5 == 4) == (purpose == "evaluation")]
-    return "\n\n".join(topics[k] for k in chosen)
+    paragraphs = dict.fromkeys(p.strip() for k in sorted(topics) for p in topics[k].split("\n\n") if p.strip())
+    runs = [list(paragraphs)[i : i + 10] for i in range(0, len(paragraphs), 10)]
+    chosen = [run for i, run in enumerate(runs) if (i % 5 == 4) == (purpose == "evaluation")]
+    return "\n\n".join(p for run in chosen for p in run)
 
 
 def _read_documents(path: Path, column: str) -> list[str]:

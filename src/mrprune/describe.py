@@ -11,8 +11,9 @@ def zero_fraction(adapter, index: int) -> float:
     return sum(int((r.weight == 0).sum()) for r in refs) / sum(r.numel for r in refs)
 
 
-def model_info(spec: str | None, trust_remote_code: bool = False) -> dict:
-    loaded = load_model(spec, dtype="auto", device="cpu", trust_remote_code=trust_remote_code)
+def model_info(spec: str | None, trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
+    loaded = load_model(spec, dtype="auto", device="cpu", trust_remote_code=trust_remote_code,
+                        allow_pickle=allow_pickle)
     adapter = get_adapter(loaded.model)
     layers = adapter.all_linear_layers()
     zeros = sum(int((r.weight == 0).sum()) for r in layers)

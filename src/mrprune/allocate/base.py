@@ -46,6 +46,19 @@ class Allocation:
         return cls(method, target, dict(layer_targets), blocks, details)
 
 
+    def whole_weight_targets(self, adapter: ModelAdapter) -> dict[str, float]:
+        """Layer targets rounded to whole weights with largest-remainder rounding, so the layers' pruned
+        counts sum to round(target x all weights): the global target is met to one weight, not one per layer."""
+        refs = adapter.all_linear_layers()
+        exact = [self.layer_targets[r.name] * r.numel for r in refs]
+        counts = [int(x) for x in exact]
+        total = round(sum(exact))
+        order = sorted(range(len(refs)), key=lambda i: counts[i] - exact[i])
+        for i in order[: max(total - sum(counts), 0)]:
+            counts[i] += 1
+        return {r.name: c / r.numel for r, c in zip(refs, counts)}
+
+
 class Allocator(ABC):
     name: ClassVar[str]
 

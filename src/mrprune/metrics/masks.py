@@ -39,20 +39,30 @@ def lowest_in_matrix(scores: torch.Tensor, count: int, forced: torch.Tensor | No
 
 
 def per_row_counts(sorted_scores: torch.Tensor, count: int, forced_per_row: torch.Tensor | None) -> torch.Tensor:
-    """Split ``count`` pruned weights over rows: each row gets ``count // rows`` (or its forced count if more);
-    the remainder goes one each to the rows whose next-lowest score is lowest."""
+    """Split ``count`` pruned weights over rows as evenly as possible, no row below its forced count.
+
+    Every row gets max(forced, L) for the largest level L that fits; the remainder goes one each to the rows
+    at level L whose next-lowest score is lowest.
+    """
     rows, cols = sorted_scores.shape
-    base = min(count // rows, cols)
-    counts = torch.full((rows,), base, dtype=torch.long, device=sorted_scores.device)
+    floor = torch.zeros(rows, dtype=torch.long, device=sorted_scores.device)
     if forced_per_row is not None:
-        counts = torch.maximum(counts, forced_per_row.to(counts))
+        floor = forced_per_row.to(floor)
+    count = min(max(count, int(floor.sum())), rows * cols)
+    lo, hi = 0, cols  # largest level with sum(max(floor, level)) <= count
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if int(torch.clamp(floor, min=mid).sum()) <= count:
+            lo = mid
+        else:
+            hi = mid - 1
+    counts = torch.clamp(floor, min=lo)
     deficit = count - int(counts.sum())
     if deficit > 0:
-        eligible = counts < cols
+        eligible = (counts == lo) & (counts < cols)
         next_score = sorted_scores.gather(1, counts.clamp(max=cols - 1)[:, None]).squeeze(1)
         next_score = next_score.masked_fill(~eligible, float("inf"))
-        chosen = torch.argsort(next_score, stable=True)[: min(deficit, int(eligible.sum()))]
-        counts[chosen] += 1
+        counts[torch.argsort(next_score, stable=True)[:deficit]] += 1
     return counts
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
+from ..hub import hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -179,13 +180,18 @@ def load_model(
     where = str(local_dir) if local_dir is not None else hub_id
     if local_dir is not None:
         _check_safe_weights(local_dir, allow_pickle)
+    # offline, a hub id can still load from the local HF cache; never wait for network retries
+    cached_only = hub_id is not None and not hub_reachable()
     try:
-        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, local_files_only=cached_only)
     except (OSError, ValueError) as exc:
-        if hub_id is not None:
+        if cached_only:
             raise ModelLoadError(
-                f"cannot load '{hub_id}' from the Hugging Face hub (offline or unknown id?): {_first_line(exc)}"
+                f"'{hub_id}' is not a local path and the Hugging Face hub is unreachable (offline?); "
+                "pass a local model directory or .gguf file"
             ) from None
+        if hub_id is not None:
+            raise ModelLoadError(f"cannot load '{hub_id}' from the Hugging Face hub: {_first_line(exc)}") from None
         raise ModelLoadError(f"cannot read the config of {where}: {_first_line(exc)}") from None
     from .adapter import _is_encoder_family
 
@@ -197,12 +203,14 @@ def load_model(
             dtype=torch_dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True,
+            local_files_only=cached_only,
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {description}: {_first_line(exc)}") from None
     model.eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code,
+                                                  local_files_only=cached_only)
     except (OSError, ValueError, TypeError) as exc:
         raise ModelLoadError(f"cannot load the tokenizer of {description}: {_first_line(exc)}") from None
     return LoadedModel(model, tokenizer, description, local_dir)

@@ -1,0 +1,108 @@
+"""Shared fixtures: a small trained tokenizer, tiny random models of every supported family, real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+VOCAB = 384
+
+# one tiny config per supported family; Gemma3 mixes sliding and full attention blocks on purpose
+FAMILIES = {
+    "llama": lambda: transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
+    "mistral": lambda: transformers.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        sliding_window=8),
+    "qwen2": lambda: transformers.Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
+    "qwen3": lambda: transformers.Qwen3Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "opt": lambda: transformers.OPTConfig(
+        hidden_size=64, ffn_dim=128, word_embed_proj_dim=64, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=128),
+    "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=128),
+    "phi3": lambda: transformers.Phi3Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, pad_token_id=0),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=128),
+}
+
+
+def family_config(family: str):
+    config = FAMILIES[family]()
+    config.vocab_size = VOCAB
+    config.bos_token_id, config.eos_token_id = 1, 2
+    if getattr(config, "pad_token_id", None) is not None:
+        config.pad_token_id = 0
+    return config
+
+
+def tiny_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(family_config(family), attn_implementation="eager")
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A byte-level BPE tokenizer trained on CPython's embedded docs: real text, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from mrprune.data import embedded_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([embedded_text("calibration")], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>")
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tokenizer):
+    """Save a tiny model of ``family`` (with the tokenizer) and return its directory."""
+
+    def make(family: str = "llama", seed: int = 0) -> Path:
+        path = tmp_path / f"tiny-{family}"
+        tiny_model(family, seed).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded default model, converted from its GGUF once (cached across runs)."""
+    from mrprune.models.loading import convert_gguf, embedded_default_gguf
+
+    return convert_gguf(embedded_default_gguf())
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    yield

@@ -1,0 +1,57 @@
+import pytest
+import torch
+import transformers
+
+from mrprune.errors import UnsupportedModelError
+from mrprune.models import get_adapter
+from tests.conftest import FAMILIES, tiny_model
+
+EXPECTED_LINEARS = {
+    "llama": 7, "mistral": 7, "qwen2": 7, "qwen3": 7, "gemma3": 7, "opt": 6, "gpt2": 4, "phi3": 4, "gpt_neox": 4,
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_adapter_finds_blocks_and_linear_layers(family):
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    assert adapter.num_blocks == model.config.num_hidden_layers == 3
+    layers = adapter.linear_layers(1)
+    assert len(layers) == EXPECTED_LINEARS[family]
+    assert all(ref.block == 1 and ".1." in ref.name for ref in layers)
+    modules = dict(model.named_modules())
+    for ref in layers:
+        assert modules[ref.name] is ref.module
+        assert ref.weight.shape == (ref.out_features, ref.in_features)
+    assert sum(adapter.block_sizes()) == sum(ref.numel for ref in adapter.all_linear_layers())
+    # the LM head and embeddings are never decoder linear layers
+    assert not any("lm_head" in ref.name or "embed" in ref.name for ref in adapter.all_linear_layers())
+
+
+def test_gpt2_conv1d_is_seen_transposed_and_writes_through():
+    model = tiny_model("gpt2")
+    ref = get_adapter(model).linear_layers(0)[0]  # attn.c_attn, stored (in, out)
+    assert ref.transposed
+    assert ref.module.weight.shape == (64, 192) and ref.weight.shape == (192, 64)
+    new = torch.zeros(192, 64)
+    new[5, 7] = 3.0
+    ref.set_weight(new)
+    assert ref.module.weight[7, 5] == 3.0 and int((ref.module.weight != 0).sum()) == 1
+
+
+def test_encoder_model_is_rejected():
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=100)
+    with pytest.raises(UnsupportedModelError, match="not a decoder-only"):
+        get_adapter(transformers.BertForMaskedLM(config))
+
+
+def test_model_without_block_list_is_rejected():
+    class NotAnLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = transformers.LlamaConfig(num_hidden_layers=2)
+            self.proj = torch.nn.Linear(4, 4)
+
+    with pytest.raises(UnsupportedModelError, match="cannot find the decoder blocks"):
+        get_adapter(NotAnLM())

@@ -1,0 +1,142 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mrprune.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, fragment):
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("mrprune")]
+    assert len(lines) == 1 and fragment in lines[0], err
+    assert "Traceback" not in err
+
+
+def tiny_prune_args(model_dir, *extra):
+    return ("prune", "-q", "--model", model_dir, "--calib", "embedded", "--nsamples", 4, "--seqlen", 32, *extra)
+
+
+def test_prune_eval_info_end_to_end(tiny_dir, tmp_path, capsys):
+    model_dir = tiny_dir("qwen2")
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli(capsys, *tiny_prune_args(model_dir, "--metric", "sparsegpt", "--pattern", "2:4",
+                                                         "--eval", "--eval-text", "embedded", "--eval-seqlen", 64,
+                                                         "--max-windows", 2, "--output", out))
+    assert code == 0
+    assert "global sparsity 0.500000" in stdout and "perplexity after" in stdout and "met" in stdout
+    assert "2 non-overlapping windows of 64 tokens" in stdout
+
+    code, stdout, _ = run_cli(capsys, "eval", "-q", out, "--text", "embedded", "--seqlen", 64, "--max-windows", 2,
+                              "--json")
+    result = json.loads(stdout)
+    report = json.loads((out / "mrprune_report.json").read_text())
+    assert code == 0 and result["perplexity"] == pytest.approx(report["perplexity"]["after"]["perplexity"], rel=1e-5)
+
+    code, stdout, _ = run_cli(capsys, "info", "-q", out, "--json")
+    info = json.loads(stdout)
+    assert code == 0 and info["family"] == "qwen2" and info["num_blocks"] == 3
+    assert info["global_sparsity"] == 0.5 and all(b == 0.5 for b in info["blocks"])
+
+
+def test_config_file_sets_options_and_flags_win(tiny_dir, tmp_path, capsys):
+    model_dir = tiny_dir("llama")
+    config = tmp_path / "job.yaml"
+    config.write_text(f"model: {model_dir}\nmetric: magnitude\nsparsity: 0.3\ncalibration:\n  nsamples: 4\n")
+    code, stdout, _ = run_cli(capsys, "prune", "--config", config, "--sparsity", 0.6, "--dump-config")
+    assert code == 0 and "metric: magnitude" in stdout and "sparsity: 0.6" in stdout and "nsamples: 4" in stdout
+    code, stdout, _ = run_cli(capsys, "prune", "-q", "--config", config)
+    assert code == 0 and "global sparsity 0.3000" in stdout and "off by +0 weights" in stdout
+    assert "pruning    magnitude" in stdout
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("--sparsity", 1.5), "sparsity must be in [0, 1)"),
+    (("--pattern", "3:7"), "needs in_features divisible by 7"),
+    (("--pattern", "4:2"), "needs 0 < N < M"),
+    (("--nsamples", 500, "--seqlen", 512), "too few for 500 x 512"),
+    (("--calib", "no_such_file.txt"), "does not exist"),
+    (("--allocation", "file", "--ratios", "missing.json"), "cannot read missing.json"),
+    (("--nsamples", 0), "nsamples must be a positive integer"),
+])
+def test_bad_prune_inputs_give_one_line_errors(tiny_dir, capsys, args, fragment):
+    code, _, err = run_cli(capsys, *tiny_prune_args(tiny_dir("llama"), *args))
+    assert_one_line_error(code, err, fragment)
+
+
+def test_bad_models_give_one_line_errors(tmp_path, capsys):
+    import transformers
+
+    code, _, err = run_cli(capsys, "prune", "--model", tmp_path / "nowhere")
+    assert_one_line_error(code, err, "does not exist")
+    code, _, err = run_cli(capsys, "prune", "--model", "some-org/some-model")
+    assert_one_line_error(code, err, "hub is unreachable")
+    bert = tmp_path / "bert"
+    transformers.BertForMaskedLM(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                         intermediate_size=32, vocab_size=50)).save_pretrained(bert)
+    code, _, err = run_cli(capsys, "info", bert)
+    assert_one_line_error(code, err, "not a decoder-only causal LM")
+    fake = tmp_path / "broken.gguf"
+    fake.write_bytes(b"not a gguf at all")
+    code, _, err = run_cli(capsys, "eval", fake)
+    assert_one_line_error(code, err, "cannot read GGUF file")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_cli(capsys, "eval", empty)
+    assert_one_line_error(code, err, "no config.json")
+
+
+def pickle_only(model_dir):
+    """Replace the safetensors weights of ``model_dir`` by a pickle checkpoint."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    for path in model_dir.glob("*.safetensors"):
+        path.unlink()
+    torch.save(model.state_dict(), model_dir / "pytorch_model.bin")
+    return model_dir
+
+
+def test_pickle_weights_need_explicit_permission(tiny_dir, capsys):
+    model_dir = pickle_only(tiny_dir("llama"))
+    code, _, err = run_cli(capsys, "info", model_dir)
+    assert_one_line_error(code, err, "--allow-pickle")
+    code, stdout, _ = run_cli(capsys, "info", "-q", model_dir, "--allow-pickle", "--json")
+    assert code == 0 and json.loads(stdout)["num_blocks"] == 3
+
+
+def test_existing_output_and_unknown_config_key(tiny_dir, tmp_path, capsys):
+    model_dir = tiny_dir("llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    code, _, err = run_cli(capsys, *tiny_prune_args(model_dir, "--output", out))
+    assert_one_line_error(code, err, "pass --overwrite")
+    assert (out / "keep.txt").exists()
+    config = tmp_path / "c.yaml"
+    config.write_text("sparsty: 0.5\n")
+    code, _, err = run_cli(capsys, "prune", "--config", config)
+    assert_one_line_error(code, err, "did you mean 'sparsity'")
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "--metric", "random"])
+    _, err = capsys.readouterr()
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and "invalid choice" in err
+
+
+def test_console_script_exit_code(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mrprune", "eval", str(tmp_path / "missing")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("mrprune: error:")
+

@@ -1,0 +1,56 @@
+import json
+
+import pytest
+
+from mrprune.config import PruneConfig, dump_config, load_config, merge
+from mrprune.errors import ConfigError
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    config = merge(PruneConfig(), {"metric": "sparsegpt", "calibration.nsamples": 16, "evaluation.max_windows": 3})
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(path) == config
+    assert PruneConfig().calibration.nsamples == 128  # merge copied, did not mutate defaults
+
+
+def test_unknown_key_names_the_closest_valid_one(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("calibration:\n  nsample: 32\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'calibration.nsample'; did you mean 'calibration.nsamples'"):
+        load_config(path)
+    path.write_text("metirc: wanda\n")
+    with pytest.raises(ConfigError, match="did you mean 'metric'"):
+        load_config(path)
+
+
+def test_wrong_types_and_bad_files_are_config_errors(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"calibration": {"nsamples": "many"}}))
+    with pytest.raises(ConfigError, match="calibration.nsamples' expects int"):
+        load_config(path)
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"sparsity": 1.0}, "sparsity must be in"),
+    ({"sparsity": -0.1}, "sparsity must be in"),
+    ({"metric": "random"}, "unknown metric 'random'"),
+    ({"pattern": "5:4"}, "0 < N < M"),
+    ({"pattern": "2:4", "sparsity": 0.7}, "implies sparsity 0.5"),
+    ({"pattern": "2:4", "allocation.method": "file", "allocation.ratios": "x"}, "cannot be combined"),
+    ({"allocation.method": "file"}, "needs --ratios"),
+    ({"calibration.nsamples": 0}, "nsamples must be a positive integer"),
+    ({"calibration.seqlen": -5}, "seqlen must be a positive integer"),
+    ({"allocation.method": "nope"}, "unknown allocation.method"),
+])
+def test_validation_names_the_problem(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        merge(PruneConfig(), overrides).validate()

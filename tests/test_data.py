@@ -1,0 +1,78 @@
+import json
+
+import pytest
+
+from mrprune.data import (Corpus, embedded_text, load_eval_text, read_corpus, sample_calibration)
+from mrprune.errors import DataError
+
+
+def test_embedded_calibration_and_evaluation_text_do_not_overlap():
+    calib, evaluation = embedded_text("calibration"), embedded_text("evaluation")
+    assert len(calib) > 3 * len(evaluation) > 50_000
+    calib_paragraphs = set(calib.split("\n\n"))
+    eval_paragraphs = [p for p in evaluation.split("\n\n") if len(p) > 200]
+    assert eval_paragraphs and not any(p in calib_paragraphs for p in eval_paragraphs)
+
+
+def test_sampling_is_seeded_and_windows_come_from_the_text(tokenizer):
+    corpus = read_corpus("embedded", "calibration")
+    a = sample_calibration(corpus, tokenizer, 4, 32, seed=0)
+    b = sample_calibration(corpus, tokenizer, 4, 32, seed=0)
+    c = sample_calibration(corpus, tokenizer, 4, 32, seed=1)
+    assert a.shape == (4, 32) and a.equal(b) and not a.equal(c)
+    stream = tokenizer(corpus.text).input_ids
+    joined = " ".join(map(str, stream))
+    assert " ".join(map(str, a[0].tolist())) in joined
+
+
+def test_documents_protocol_draws_windows_from_long_documents_only(tokenizer):
+    docs = ["short text"] * 20 + [embedded_text("evaluation")[:4000]]
+    ids = sample_calibration(Corpus("docs", documents=docs), tokenizer, 3, 64, seed=0)
+    long_doc = " ".join(map(str, tokenizer(docs[-1]).input_ids))
+    for row in ids:
+        assert " ".join(map(str, row.tolist())) in long_doc
+
+
+def test_too_little_text_is_a_clear_error(tokenizer, tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("only a few words here")
+    with pytest.raises(DataError, match="too few for 4 x 64"):
+        sample_calibration(read_corpus(str(small), "calibration"), tokenizer, 4, 64, 0)
+    with pytest.raises(DataError, match="longer than seqlen"):
+        sample_calibration(Corpus("docs", documents=["tiny doc"] * 500), tokenizer, 2, 64, 0)
+
+
+def test_jsonl_and_parquet_documents_with_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"body": f"document number {i}"} for i in range(3)]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    assert read_corpus(str(jsonl), "calibration", column="body").documents[2] == "document number 2"
+    with pytest.raises(DataError, match="'text' field"):
+        read_corpus(str(jsonl), "calibration")
+    parquet = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"body": [r["body"] for r in rows]}), parquet)
+    assert read_corpus(str(parquet), "calibration", column="body").documents == [r["body"] for r in rows]
+    with pytest.raises(DataError, match="no column 'text'"):
+        read_corpus(str(parquet), "calibration")
+
+
+def test_missing_source_and_offline_hub_dataset_are_clear_errors(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from mrprune import hub
+
+    hub.hub_reachable.cache_clear()
+    with pytest.raises(DataError, match="does not exist"):
+        read_corpus("./no/such/file.txt", "calibration")
+    with pytest.raises(DataError, match="unreachable"):
+        read_corpus("wikitext2", "evaluation")
+    # with nothing given and no hub, the embedded text is used
+    assert read_corpus(None, "evaluation").name.startswith("embedded")
+    hub.hub_reachable.cache_clear()
+
+
+def test_eval_text_joins_documents(shared_data):
+    corpus = load_eval_text(str(shared_data / "rte_validation.parquet"), column="sentence1")
+    assert corpus.text.count("\n\n") == 276

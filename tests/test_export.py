@@ -1,0 +1,79 @@
+import hashlib
+import json
+
+import pytest
+import torch
+import transformers
+
+from mrprune import PruneConfig, prune
+from mrprune.config import merge
+from mrprune.errors import OutputError
+from mrprune.export import REPORT_NAME
+
+
+def file_hashes(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def job(model_dir, out, **overrides):
+    base = {"model": str(model_dir), "calibration.source": "embedded", "calibration.nsamples": 4,
+            "calibration.seqlen": 32, "output": str(out)}
+    return merge(PruneConfig(), {**base, **overrides})
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_export_round_trip_gives_identical_logits_and_exact_sparsity(tiny_dir, tmp_path, family):
+    model_dir = tiny_dir(family)
+    before = file_hashes(model_dir)
+    out = tmp_path / "pruned"
+    outcome = prune(config=job(model_dir, out, sparsity=0.5), progress=False)
+    assert outcome.output == out.resolve()
+    assert file_hashes(model_dir) == before  # the input model is never modified
+
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(3, 300, (2, 20))
+    with torch.inference_mode():
+        assert torch.equal(reloaded(ids).logits, outcome.model(ids).logits)
+    for ref_name, layer in ((r["name"], r) for r in outcome.report.layers):
+        weight = reloaded.get_submodule(ref_name).weight
+        assert float((weight == 0).float().mean()) == 0.5 == layer["sparsity"]
+    assert any(p.suffix == ".safetensors" for p in out.iterdir())
+    assert (out / "tokenizer.json").is_file()
+
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["sparsity"]["target_met"] and report["sparsity"]["achieved"] == 0.5
+    assert report["settings"]["metric"] == "wanda" and report["seed"] == 0
+    assert len(report["blocks"]) == 3 and report["versions"]["torch"]
+    assert {"capture", "statistics", "masks", "recompute", "export"} <= set(report["timings_s"])
+
+
+def test_existing_output_needs_overwrite_and_is_replaced_whole(tiny_dir, tmp_path):
+    model_dir = tiny_dir("llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    with pytest.raises(OutputError, match="--overwrite"):
+        prune(config=job(model_dir, out), progress=False)
+    prune(config=job(model_dir, out, overwrite=True), progress=False)
+    assert not (out / "stale.txt").exists() and (out / REPORT_NAME).exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_output_inside_input_model_is_refused(tiny_dir):
+    model_dir = tiny_dir("llama")
+    for bad in (model_dir, model_dir / "pruned", model_dir.parent):
+        with pytest.raises(OutputError, match="input model"):
+            prune(config=job(model_dir, bad, overwrite=True), progress=False)
+
+
+def test_crash_during_export_leaves_nothing_behind(tiny_dir, tmp_path, monkeypatch):
+    model_dir = tiny_dir("llama")
+    out = tmp_path / "out"
+
+    def explode(self, *args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "save_pretrained", explode)
+    with pytest.raises(RuntimeError, match="disk full"):
+        prune(config=job(model_dir, out), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [model_dir.name]

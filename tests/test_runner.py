@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from mrprune.metrics import SparsityPattern, build_metric
+from mrprune.models import get_adapter
+from mrprune.runner import SequentialPruner
+from tests.conftest import FAMILIES, VOCAB, tiny_model
+
+
+def calibration_ids(n=3, seqlen=24, seed=0):
+    return torch.randint(3, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_runner_at_sparsity_zero_reproduces_dense_logits(family):
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    ids = calibration_ids()
+    with torch.inference_mode():
+        dense_logits = model(input_ids=ids, use_cache=False).logits
+
+    runner = SequentialPruner(adapter, build_metric("wanda"), SparsityPattern(), torch.device("cpu"), batch_size=2,
+                              progress=False)
+    acts = runner.capture(ids)
+    targets = {ref.name: 0.0 for ref in adapter.all_linear_layers()}
+    for _ in range(adapter.num_blocks):
+        records = runner.prune_block(acts, targets)
+        assert all(r.zeros == 0 for r in records)
+
+    # feed the runner's last-block outputs through the rest of the model: logits must be the dense ones
+    last = adapter.blocks[-1]
+    handle = last.register_forward_hook(lambda m, a, out: acts.hidden if not isinstance(out, tuple)
+                                        else (acts.hidden,) + tuple(out[1:]))
+    try:
+        with torch.inference_mode():
+            runner_logits = model(input_ids=ids, use_cache=False).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(runner_logits, dense_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_runner_prunes_every_layer_to_its_target_with_upstream_pruned_inputs():
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    targets = {ref.name: 0.25 + 0.25 * ref.block for ref in adapter.all_linear_layers()}
+    runner = SequentialPruner(adapter, build_metric("wanda"), SparsityPattern(), torch.device("cpu"), progress=False)
+    records = runner.run(calibration_ids(), targets)
+    for record, ref in zip(records, adapter.all_linear_layers()):
+        assert record.name == ref.name
+        assert record.zeros == int((ref.weight == 0).sum()) == round(ref.numel * targets[ref.name])
+
+
+def test_statistics_are_shared_between_layers_fed_the_same_input():
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    runner = SequentialPruner(adapter, build_metric("sparsegpt"), SparsityPattern(), torch.device("cpu"),
+                              progress=False)
+    acts = runner.capture(calibration_ids())
+    stats = runner.collect_stats(acts, adapter.linear_layers(0))
+    names = {ref.short_name: ref.name for ref in adapter.linear_layers(0)}
+    q, k, v = (stats[names[f"self_attn.{p}_proj"]] for p in "qkv")
+    assert q is k is v
+    assert stats[names["mlp.gate_proj"]] is stats[names["mlp.up_proj"]]
+    assert stats[names["self_attn.o_proj"]] is not q
+    assert q.tokens == 3 * 24 and q.hessian.shape == (64, 64)
+
+
+def test_statistics_come_from_pruned_upstream_blocks():
+    """Block 1's input statistics differ depending on whether block 0 was pruned first."""
+    ids = calibration_ids()
+
+    def block1_norms(sparsity):
+        model = tiny_model("llama")
+        adapter = get_adapter(model)
+        runner = SequentialPruner(adapter, build_metric("wanda"), SparsityPattern(), torch.device("cpu"),
+                                  progress=False)
+        acts = runner.capture(ids)
+        runner.prune_block(acts, {ref.name: sparsity for ref in adapter.all_linear_layers()})
+        return runner.collect_stats(acts, adapter.linear_layers(1))[adapter.linear_layers(1)[0].name].sq_norm
+
+    assert not torch.allclose(block1_norms(0.0), block1_norms(0.6))
+
+
+def test_magnitude_needs_no_calibration_pass():
+    model = tiny_model("opt")
+    adapter = get_adapter(model)
+    targets = {ref.name: 0.5 for ref in adapter.all_linear_layers()}
+    runner = SequentialPruner(adapter, build_metric("magnitude"), SparsityPattern(), torch.device("cpu"),
+                              progress=False)
+    records = runner.run(None, targets)
+    assert all(abs(r.sparsity - 0.5) < 1e-9 for r in records)
+    assert "capture" not in runner.timer.seconds

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .allocate import AllocationContext, build_allocator
+from .allocate import AllocationContext, IterativeAllocator, build_allocator
 from .config import PruneConfig
 from .data import load_eval_text, read_corpus, sample_calibration
 from .errors import ConfigError
@@ -90,17 +90,15 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
     if config.output is not None:
         check_output(config.output, config.overwrite, source_dir)
     metric = build_metric(config.metric, config)
-    if (metric.needs_calibration or config.evaluate) and tokenizer is None:
+    allocator = build_allocator(config.allocation.method, config)
+    needs_calibration = metric.needs_calibration or allocator.needs_calibration
+    if (needs_calibration or config.evaluate) and tokenizer is None:
         raise ConfigError("a tokenizer is needed for calibration and evaluation; pass tokenizer=...")
-
-    ctx = AllocationContext(adapter, resolve_target(config, pattern), config.allocation.granularity, config)
-    with timer.phase("allocation"):
-        allocation = build_allocator(config.allocation.method, config).allocate(ctx)
 
     calib_ids = None
     eval_corpus = None
     with timer.phase("data"):
-        if metric.needs_calibration:
+        if needs_calibration:
             corpus = read_corpus(config.calibration.source, "calibration", config.calibration.column)
             c = config.calibration
             calib_ids = sample_calibration(corpus, tokenizer, c.nsamples, c.seqlen, c.seed)
@@ -121,7 +119,15 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
     ppl = {}
     if config.evaluate:
         ppl["before"] = measure().to_dict()
-    records = runner.run(calib_ids, allocation.whole_weight_targets(adapter))
+    dense_stats = runner.observe(calib_ids) if allocator.needs_calibration else None
+    ctx = AllocationContext(adapter, resolve_target(config, pattern), config.allocation.granularity, config,
+                            dense_stats=lambda: dense_stats)
+    if isinstance(allocator, IterativeAllocator):
+        allocation, records = allocator.prune(ctx, runner, calib_ids)
+    else:
+        with timer.phase("allocation"):
+            allocation = allocator.allocate(ctx)
+        records = runner.run(calib_ids, allocation.whole_weight_targets(adapter))
     if config.evaluate:
         ppl["after"] = measure().to_dict()
 

@@ -49,10 +49,41 @@ class SparseGPTConfig:
 
 
 @dataclass
+class OwlConfig:
+    """OWL: outliers are Wanda scores above ``m`` x the block mean; ratios spread over +-``lam``."""
+
+    m: float = 5.0
+    lam: float = 0.08
+
+
+@dataclass
+class AlphaConfig:
+    """AlphaPruning: ratios spread over [1 - eps, 1 + eps] x target by the heavy-tail exponent."""
+
+    eps: float = 0.3
+
+
+@dataclass
+class MrpConfig:
+    """Maximum Redundancy Pruning; ``s0`` None means ``target - s0_gap``. Defaults: see docs/mrp.md."""
+
+    m: float = 5.0
+    s0: float | None = None
+    s0_gap: float = 0.1
+    smax: float = 0.95
+    step: float = 0.05
+    min_step: float = 0.005
+    gamma: float = 0.95
+
+
+@dataclass
 class AllocationConfig:
     method: str = "uniform"
     ratios: str | None = None
     granularity: str = "block"
+    owl: OwlConfig = field(default_factory=OwlConfig)
+    alpha: AlphaConfig = field(default_factory=AlphaConfig)
+    mrp: MrpConfig = field(default_factory=MrpConfig)
 
 
 @dataclass

@@ -111,6 +111,25 @@ class SequentialPruner:
             run_block(block, call, acts.hidden, self.batch_size, self.device, write_back=True)
         acts.index += 1
 
+    def observe(self, input_ids: torch.Tensor, sq_norm: bool = True, hessian: bool = False,
+                phase: str = "dense statistics") -> dict[str, LayerStats]:
+        """Input statistics of every decoder linear layer of the model as it is now (no pruning): one forward
+        per block serves both the statistics and the next block's inputs."""
+        acts = self.capture(input_ids)
+        stats: dict[str, LayerStats] = {}
+        for index in tqdm(range(self.adapter.num_blocks), desc="statistics", unit="block", disable=not self.progress):
+            self._block_on_device(index)
+            try:
+                with self.timer.phase(phase):
+                    with StatsCollector(self.adapter.linear_layers(index), sq_norm, hessian) as collector:
+                        run_block(self.adapter.blocks[index], acts.calls[index].to(self.device), acts.hidden,
+                                  self.batch_size, self.device, write_back=True)
+                stats.update(collector.result())
+            finally:
+                self._release(index)
+            acts.index += 1
+        return stats
+
     # ------------------------------------------------------------------------------------------------ prune
     def prune_layers(
         self, layers: list[LinearRef], targets: dict[str, float], stats: dict[str, LayerStats]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .base import Allocation, AllocationContext, Allocator
+from .base import Allocation, AllocationContext, Allocator, IterativeAllocator
 from .file import FileAllocator
 from .fit import fit_to_target, weighted_mean
 from .uniform import UniformAllocator
@@ -26,6 +26,7 @@ __all__ = [
     "AllocationContext",
     "Allocator",
     "FileAllocator",
+    "IterativeAllocator",
     "UniformAllocator",
     "build_allocator",
     "fit_to_target",

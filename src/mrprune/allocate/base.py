@@ -4,20 +4,31 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+from ..metrics.base import LayerStats
 from ..models.adapter import ModelAdapter
 from .fit import fit_to_target
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..runner import LayerRecord, SequentialPruner
 
 
 @dataclass
 class AllocationContext:
-    """What an allocator may use. ``target`` None lets the allocator choose (e.g. a ratios file's own mean)."""
+    """What an allocator may use. ``target`` None lets the allocator choose (e.g. a ratios file's own mean).
+
+    ``dense_stats()`` returns, for every decoder linear layer, the float32 input statistics (``sq_norm``) of the
+    DENSE model on the calibration set; it is computed once, on first use, by a sequential pass.
+    """
 
     adapter: ModelAdapter
     target: float | None
     granularity: str = "block"
     options: Any = None  # the job's PruneConfig, for allocator-specific options
+    dense_stats: Callable[[], dict[str, LayerStats]] | None = None
 
 
 @dataclass
@@ -61,10 +72,27 @@ class Allocation:
 
 class Allocator(ABC):
     name: ClassVar[str]
+    #: True if ``allocate`` calls ``ctx.dense_stats()`` (calibration data is then sampled even for magnitude)
+    needs_calibration: ClassVar[bool] = False
 
     @abstractmethod
     def allocate(self, ctx: AllocationContext) -> Allocation:
         """Per-block or per-layer ratios hitting ``ctx.target`` in the parameter-weighted sense."""
+
+
+class IterativeAllocator(Allocator):
+    """An allocator that decides the ratios while it prunes (MRP): it drives the sequential pruner itself."""
+
+    needs_calibration = True
+
+    def allocate(self, ctx: AllocationContext) -> Allocation:
+        raise TypeError(f"{self.name} allocates while pruning; call prune() instead")
+
+    @abstractmethod
+    def prune(
+        self, ctx: AllocationContext, pruner: SequentialPruner, input_ids: torch.Tensor
+    ) -> tuple[Allocation, list[LayerRecord]]:
+        """Prune the model to ``ctx.target``; return the resulting allocation and per-layer records."""
 
 
 def fit_blocks(adapter: ModelAdapter, raw: list[float], target: float) -> list[float]:

@@ -10,6 +10,8 @@ import torch
 import transformers
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+#: tests that take the ``device`` fixture run on every device present (the CPU, and CUDA where available)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 VOCAB = 384
 
 # one tiny config per supported family; Gemma3 mixes sliding and full attention blocks on purpose
@@ -84,6 +86,11 @@ def tiny_dir(tmp_path, tokenizer):
         return path
 
     return make
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -12,14 +12,14 @@ def calibration_ids(n=3, seqlen=24, seed=0):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_runner_at_sparsity_zero_reproduces_dense_logits(family):
-    model = tiny_model(family)
+def test_runner_at_sparsity_zero_reproduces_dense_logits(family, device):
+    model = tiny_model(family).to(device)
     adapter = get_adapter(model)
-    ids = calibration_ids()
+    ids = calibration_ids().to(device)
     with torch.inference_mode():
         dense_logits = model(input_ids=ids, use_cache=False).logits
 
-    runner = SequentialPruner(adapter, build_metric("wanda"), SparsityPattern(), torch.device("cpu"), batch_size=2,
+    runner = SequentialPruner(adapter, build_metric("wanda"), SparsityPattern(), device, batch_size=2,
                               progress=False)
     acts = runner.capture(ids)
     targets = {ref.name: 0.0 for ref in adapter.all_linear_layers()}
@@ -39,12 +39,18 @@ def test_runner_at_sparsity_zero_reproduces_dense_logits(family):
     torch.testing.assert_close(runner_logits, dense_logits, rtol=1e-4, atol=1e-4)
 
 
-def test_runner_prunes_every_layer_to_its_target_with_upstream_pruned_inputs():
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("metric", ["wanda", "sparsegpt"])
+def test_runner_prunes_every_layer_to_its_target_with_upstream_pruned_inputs(device, metric, offload):
     model = tiny_model("llama")
     adapter = get_adapter(model)
     targets = {ref.name: 0.25 + 0.25 * ref.block for ref in adapter.all_linear_layers()}
-    runner = SequentialPruner(adapter, build_metric("wanda"), SparsityPattern(), torch.device("cpu"), progress=False)
+    runner = SequentialPruner(adapter, build_metric(metric), SparsityPattern(), device, offload=offload,
+                              offload_activations=offload, progress=False)
     records = runner.run(calibration_ids(), targets)
+    if offload:  # blocks wait on the CPU, everything else on the device
+        assert all(p.device.type == "cpu" for p in adapter.blocks.parameters())
+        assert model.get_input_embeddings().weight.device.type == device.type
     for record, ref in zip(records, adapter.all_linear_layers()):
         assert record.name == ref.name
         assert record.zeros == int((ref.weight == 0).sum()) == round(ref.numel * targets[ref.name])

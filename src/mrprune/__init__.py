@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .api import PruneOutcome, evaluate_perplexity, prune  # noqa: E402
+from .api import PruneOutcome, evaluate_perplexity, evaluate_zeroshot, prune  # noqa: E402
 from .config import AllocationConfig, CalibrationConfig, EvalConfig, PruneConfig, RuntimeConfig  # noqa: E402
 from .errors import MrpruneError  # noqa: E402
 
@@ -15,6 +15,7 @@ __all__ = [
     "PruneOutcome",
     "RuntimeConfig",
     "evaluate_perplexity",
+    "evaluate_zeroshot",
     "prune",
     "__version__",
 ]

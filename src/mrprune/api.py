@@ -12,6 +12,7 @@ from .allocate import AllocationContext, IterativeAllocator, build_allocator
 from .config import PruneConfig
 from .data import load_eval_text, read_corpus, sample_calibration
 from .errors import ConfigError
+from .evaluate import zeroshot as zs
 from .evaluate.perplexity import PerplexityResult, perplexity
 from .export import check_output, export_model
 from .metrics import build_metric
@@ -73,16 +74,22 @@ def _load(model, tokenizer, config: PruneConfig):
     return model, tokenizer, source, local
 
 
-def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, progress: bool = True) -> PruneOutcome:
+def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, progress: bool = True,
+          calibration_ids: torch.Tensor | None = None) -> PruneOutcome:
     """Prune ``model`` (a loaded HF model, a path or hub id, or None for ``config.model``) as ``config`` says.
 
     An in-memory model is pruned in place; files it was loaded from are never written. With
-    ``config.output`` the result is exported there, report included.
+    ``config.output`` the result is exported there, report included. ``calibration_ids`` (n x seqlen token
+    ids) replaces the sampling of ``config.calibration`` when given.
     """
     config = (config or PruneConfig()).validate()
     device = resolve_device(config.runtime.device)
     timer = PhaseTimer(device)
     pattern = SparsityPattern.parse(config.pattern)
+    zeroshot_tasks = None
+    if config.evaluation.tasks:
+        with timer.phase("zeroshot"):  # a missing lm-eval, task or task data fails here, before any heavy work
+            zeroshot_tasks = zs.prepare_tasks(config.evaluation.tasks, config.evaluation.task_data)
     with timer.phase("load"):
         model, tokenizer, source, source_dir = _load(model, tokenizer, config)
     adapter = get_adapter(model)
@@ -92,13 +99,15 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
     metric = build_metric(config.metric, config)
     allocator = build_allocator(config.allocation.method, config)
     needs_calibration = metric.needs_calibration or allocator.needs_calibration
-    if (needs_calibration or config.evaluate) and tokenizer is None:
+    if (needs_calibration and calibration_ids is None or config.evaluate or zeroshot_tasks) and tokenizer is None:
         raise ConfigError("a tokenizer is needed for calibration and evaluation; pass tokenizer=...")
 
     calib_ids = None
     eval_corpus = None
     with timer.phase("data"):
-        if needs_calibration:
+        if needs_calibration and calibration_ids is not None:
+            calib_ids = calibration_ids
+        elif needs_calibration:
             corpus = read_corpus(config.calibration.source, "calibration", config.calibration.column)
             c = config.calibration
             calib_ids = sample_calibration(corpus, tokenizer, c.nsamples, c.seqlen, c.seed)
@@ -130,10 +139,17 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
         records = runner.run(calib_ids, allocation.whole_weight_targets(adapter))
     if config.evaluate:
         ppl["after"] = measure().to_dict()
+    zeroshot = {}
+    if zeroshot_tasks is not None:
+        e = config.evaluation
+        with timer.phase("zeroshot"), streamed_blocks(adapter.blocks, device, config.runtime.offload):
+            zeroshot = zs.evaluate_zeroshot(model, tokenizer, zeroshot_tasks, e.limit, e.num_fewshot,
+                                            e.batch_size).to_dict()
 
     report = PruneReport.build(
         model_summary(adapter, source), config.to_dict(), allocation, records,
         perplexity=ppl,
+        zeroshot=zeroshot,
         memory_mib={"peak_host": round(peak_host_memory_mib(), 1), "peak_device": peak_device_memory_mib(device)},
     )
     report.timings_s = timer.as_dict()
@@ -169,3 +185,34 @@ def evaluate_perplexity(
     place_model(model, adapter.blocks_name, torch_device, offload)
     with streamed_blocks(adapter.blocks, torch_device, offload):
         return perplexity(model, tokenizer, corpus, seqlen, max_windows, bos, torch_device, progress)
+
+
+def evaluate_zeroshot(
+    model,
+    tokenizer=None,
+    *,
+    tasks: str | list[str] | zs.ZeroShotTasks,
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    batch_size: int = 1,
+    task_data: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    offload: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> zs.ZeroShotResult:
+    """Zero-shot accuracy (lm-evaluation-harness) of a model object or of the model at a path / hub id.
+
+    Tasks, lm-eval and task data are checked before the model is loaded; ``task_data`` is a folder of local
+    task files, used instead of the hub (see ``mrprune.evaluate.zeroshot.LOCAL_TASKS``).
+    """
+    prepared = tasks if isinstance(tasks, zs.ZeroShotTasks) else zs.prepare_tasks(tasks, task_data)
+    if model is None or isinstance(model, (str, Path)):
+        loaded = load_model(None if model is None else str(model), dtype, device, trust_remote_code, allow_pickle)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    torch_device = resolve_device(device)
+    adapter = get_adapter(model)
+    place_model(model, adapter.blocks_name, torch_device, offload)
+    with streamed_blocks(adapter.blocks, torch_device, offload):
+        return zs.evaluate_zeroshot(model, tokenizer, prepared, limit, num_fewshot, batch_size)

@@ -120,6 +120,19 @@ def run_block(
                 hidden[start : start + batch_size].copy_(out)
 
 
+#: half-precision GEMM with float32 output (CUDA): exact products of bf16/fp16 inputs, float32 accumulation
+_MM_FLOAT32_OUT = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x in float32. On CUDA, half-precision inputs go straight to a tensor-core GEMM with float32 output
+    (their products are exact in float32) instead of being copied to float32 first."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _MM_FLOAT32_OUT:
+        return torch.mm(x.t(), x, out_dtype=torch.float32)
+    x = x.to(torch.float32)
+    return x.t() @ x
+
+
 class StatsCollector:
     """Forward pre-hooks on one block's linear layers accumulating input statistics in float32.
 
@@ -159,7 +172,7 @@ class StatsCollector:
         return hook
 
     def _accumulate(self, ref: LinearRef, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        x = x.detach().reshape(-1, x.shape[-1])
         stats = self.stats.get(ref.name)
         if stats is None:
             stats = self.stats[ref.name] = LayerStats()
@@ -170,9 +183,9 @@ class StatsCollector:
                 stats.hessian = torch.zeros(dim, dim, dtype=torch.float32, device=x.device)
         stats.tokens += x.shape[0]
         if stats.sq_norm is not None:
-            stats.sq_norm += x.square().sum(0)
+            stats.sq_norm += torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).square()
         if stats.hessian is not None:
-            stats.hessian.addmm_(x.t(), x)
+            stats.hessian += gram(x)
 
     def result(self) -> dict[str, LayerStats]:
         """Statistics for every layer that saw input (shared accumulators appear under each name)."""

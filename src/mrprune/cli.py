@@ -1,4 +1,5 @@
-"""Command line: ``mrprune prune|eval|info``, a thin layer over :mod:`mrprune.api`.
+"""Command line: ``mrprune prune|eval|info|analyze|compare``, a thin layer over :mod:`mrprune.api` and
+:mod:`mrprune.analyze`.
 
 Every prune option maps to one PruneConfig field (the table below is the single source of both), so each can
 also be set from a YAML/JSON file with ``--config``; flags given on the command line win over the file.
@@ -11,12 +12,13 @@ import json
 import logging
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .allocate import ALLOCATORS
 from .config import PruneConfig, check_positive, dump_config, load_config, merge
-from .errors import MrpruneError
+from .errors import ConfigError, MrpruneError
 from .metrics import METRICS
 
 
@@ -64,6 +66,8 @@ PRUNE_OPTIONS = [
     Option("--mrp-step", "allocation.mrp.step", "MRP first step (default 0.05)", type=float),
     Option("--mrp-min-step", "allocation.mrp.min_step", "MRP smallest step (default 0.005)", type=float),
     Option("--mrp-gamma", "allocation.mrp.gamma", "MRP step decay per iteration (default 0.95)", type=float),
+    Option("--mrp-checkpoint-stride", "allocation.mrp.checkpoint_stride", "cache every k-th block's inputs to "
+           "re-run MRP from the changed block (0: as memory allows)", type=int),
     Option("--calib", "calibration.source", "calibration text: a .txt/.jsonl/.parquet file, a hub dataset "
            "(c4, wikitext2) or 'embedded'; default c4 when online, else embedded"),
     Option("--calib-column", "calibration.column", "text column of a JSONL/parquet file (default text)"),
@@ -91,6 +95,13 @@ PRUNE_OPTIONS = [
     Option("--max-windows", "evaluation.max_windows", "evaluate at most this many windows", type=int),
     Option("--bos", "evaluation.bos", "BOS at the start of every window: auto (if the tokenizer adds one), "
            "always, never", choices=("auto", "always", "never")),
+    Option("--tasks", "evaluation.tasks", "zero-shot lm-eval tasks run on the pruned model, comma-separated "
+           "(e.g. rte,hellaswag); needs pip install 'mrprune[eval]'"),
+    Option("--limit", "evaluation.limit", "zero-shot: at most this many items per task (default all)", type=int),
+    Option("--num-fewshot", "evaluation.num_fewshot", "zero-shot: examples in each prompt (default 0)", type=int),
+    Option("--task-data", "evaluation.task_data", "zero-shot: folder of local task data, used instead of the hub "
+           "(rte_validation.parquet, hellaswag_val_full.txt.bz2, ...)"),
+    Option("--zs-batch-size", "evaluation.batch_size", "zero-shot: sequences per forward (default 1)", type=int),
     Option("--output", "output", "write the pruned model and mrprune_report.json to this directory"),
     Option("--overwrite", "overwrite", "replace an existing --output directory", flag_only=True),
 ]
@@ -108,7 +119,8 @@ def _add_option(parser: argparse.ArgumentParser, option: Option) -> None:
 def config_from_args(args: argparse.Namespace) -> PruneConfig:
     """Defaults, then the --config file, then flags given on the command line."""
     config = load_config(args.config) if args.config else PruneConfig()
-    overrides = {o.path: getattr(args, o.path.replace(".", "__")) for o in PRUNE_OPTIONS}
+    # a command may declare only some of the options (analyze, compare): the others stay as the file says
+    overrides = {o.path: getattr(args, o.path.replace(".", "__"), None) for o in PRUNE_OPTIONS}
     return merge(config, {k: v for k, v in overrides.items() if v is not None})
 
 
@@ -132,12 +144,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_positive("--seqlen", args.seqlen)
     if args.max_windows is not None:
         check_positive("--max-windows", args.max_windows)
+    if args.tasks is not None:
+        return eval_zeroshot(args)
+    if args.limit is not None or args.task_data is not None or args.num_fewshot:
+        raise ConfigError("--limit, --num-fewshot and --task-data apply to zero-shot tasks: add --tasks")
     result = evaluate_perplexity(
         args.model, text=args.text, seqlen=args.seqlen, max_windows=args.max_windows, bos=args.bos,
         device=args.device, dtype=args.dtype, offload=args.offload, progress=not args.quiet,
         allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else str(result))
+    return 0
+
+
+def eval_zeroshot(args: argparse.Namespace) -> int:
+    """``mrprune eval --tasks``: zero-shot tasks, plus perplexity on the same loaded model when --text is given."""
+    from .api import evaluate_perplexity, evaluate_zeroshot
+    from .evaluate.zeroshot import prepare_tasks
+    from .models.loading import load_model
+
+    if args.limit is not None:
+        check_positive("--limit", args.limit)
+    check_positive("--zs-batch-size", args.zs_batch_size)
+    if args.num_fewshot < 0:
+        raise ConfigError(f"--num-fewshot must be a non-negative integer, got {args.num_fewshot}")
+    tasks = prepare_tasks(args.tasks, args.task_data)  # fails before the model is loaded
+    loading = {"device": args.device, "dtype": args.dtype, "offload": args.offload}
+    model, tokenizer, ppl = args.model, None, None
+    if args.text is not None:
+        loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, args.allow_pickle)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        ppl = evaluate_perplexity(model, tokenizer, text=args.text, seqlen=args.seqlen, max_windows=args.max_windows,
+                                  bos=args.bos, progress=not args.quiet, **loading)
+    result = evaluate_zeroshot(model, tokenizer, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                               batch_size=args.zs_batch_size, allow_pickle=args.allow_pickle,
+                               trust_remote_code=args.trust_remote_code, **loading)
+    if args.json:
+        out = result.to_dict() if ppl is None else {"perplexity": ppl.to_dict(), "zeroshot": result.to_dict()}
+        print(json.dumps(out, indent=2))
+    else:
+        print(result.to_markdown() if ppl is None else f"{ppl}\n\n{result.to_markdown()}")
     return 0
 
 
@@ -187,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", default="auto")
     e.add_argument("--offload", action="store_true", help="stream blocks to the device one at a time")
+    e.add_argument("--tasks", default=None, help="zero-shot lm-eval tasks, comma-separated (e.g. rte,hellaswag), "
+                   "instead of perplexity (both with --text); needs pip install 'mrprune[eval]'")
+    e.add_argument("--limit", type=int, default=None, help="zero-shot: at most this many items per task")
+    e.add_argument("--num-fewshot", type=int, default=0, help="zero-shot: examples in each prompt (default 0)")
+    e.add_argument("--zs-batch-size", type=int, default=1, help="zero-shot: sequences per forward (default 1)")
+    e.add_argument("--task-data", default=None, help="zero-shot: folder of local task data, used instead of the "
+                   "hub (rte_validation.parquet, hellaswag_val_full.txt.bz2, ...)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_loading_flags(e)
     e.set_defaults(handler=cmd_eval)
@@ -196,13 +249,136 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print as JSON")
     _add_loading_flags(i)
     i.set_defaults(handler=cmd_info)
+    add_analysis_commands(sub, common)
     return parser
+
+
+# ------------------------------------------------------------------------------------ analyze and compare
+
+_SHARED = ("model", "calibration.", "runtime.", "sparsegpt.")
+_EVAL = ("evaluation.text", "evaluation.seqlen", "evaluation.max_windows", "evaluation.bos")
+_ALLOCATORS = ("allocation.ratios", "allocation.granularity", "allocation.owl.", "allocation.alpha.",
+               "allocation.mrp.")
+_ZEROSHOT = ("evaluation.tasks", "evaluation.limit", "evaluation.num_fewshot", "evaluation.task_data",
+             "evaluation.batch_size")
+
+#: the prune options each analysis takes (PruneConfig paths; a trailing dot takes the whole section)
+ANALYSIS_OPTIONS = {
+    "lps": _SHARED + _EVAL + ("sparsity", "pattern"),
+    "redundancy": ("calibration.", "runtime.", "allocation.mrp.m"),
+    "allocation": _SHARED + _EVAL + _ALLOCATORS + ("metric", "sparsity"),
+    "compare": _SHARED + _EVAL + _ALLOCATORS + _ZEROSHOT,
+}
+
+
+def _analysis_parser(sub, name: str, common: argparse.ArgumentParser, help: str, description: str,
+                     options: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, parents=[common], help=help, description=description)
+    p.add_argument("--config", help="YAML/JSON file of options (keys as in mrprune prune --dump-config)")
+    for option in PRUNE_OPTIONS:
+        if any(option.path == k or (k.endswith(".") and option.path.startswith(k)) for k in ANALYSIS_OPTIONS[options]):
+            _add_option(p, option)
+    return p
+
+
+def _add_analysis_output(p: argparse.ArgumentParser, default: str | None, what: str) -> None:
+    p.add_argument("--output", dest="analysis_output", default=default, metavar="DIR" if default else "FILE.md",
+                   help=what)
+    p.add_argument("--overwrite", dest="analysis_overwrite", action="store_true", help="replace existing output")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG (matplotlib not needed)")
+
+
+def _analysis_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"progress": not args.quiet, "output": args.analysis_output, "overwrite": args.analysis_overwrite,
+            "plot": not args.no_plot}
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from . import analyze
+
+    config = config_from_args(args)
+    kwargs = _analysis_kwargs(args)
+    if args.analysis == "lps":
+        result = analyze.layerwise_sensitivity(config=config, metrics=args.metrics, blocks=args.blocks, **kwargs)
+    elif args.analysis == "redundancy":
+        result = analyze.redundancy_profile(config=config, dense=args.dense, **kwargs)
+    else:
+        result = analyze.allocation_analysis(config=config, allocations=args.allocations, **kwargs)
+    print(result.to_markdown())
+    print(f"\nwrote {Path(args.analysis_output).expanduser().resolve()}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .analyze import compare
+
+    result = compare(config=config_from_args(args), allocations=args.allocations, metrics=args.metrics,
+                     sparsities=args.sparsities, redundancy=args.redundancy, **_analysis_kwargs(args))
+    print(result.to_markdown())
+    if args.analysis_output is not None:
+        print(f"\nwrote {Path(args.analysis_output).expanduser().resolve()} (and its .json, .png)")
+    return 0
+
+
+def _add_compare_parser(sub, common: argparse.ArgumentParser) -> None:
+    c = _analysis_parser(sub, "compare", common, "grid of allocation x metric x sparsity on one model",
+                         "Prune one model once per allocation x metric x sparsity from the same dense weights "
+                         "and calibration; print a Markdown table of perplexities.", "compare")
+    c.add_argument("--allocations", default="uniform,owl,alphapruning,mrp",
+                   help="comma-separated allocations (default uniform,owl,alphapruning,mrp)")
+    c.add_argument("--metrics", default="wanda", help="comma-separated metrics (default wanda)")
+    c.add_argument("--sparsities", default="0.5", help="comma-separated target sparsities (default 0.5)")
+    c.add_argument("--redundancy", action="store_true",
+                   help="also report each cell's redundancy spread (one more calibration pass per cell)")
+    _add_analysis_output(c, None, "write the table to this Markdown file, the rows to FILE.json and the plot to "
+                                  "FILE.png beside it")
+    c.set_defaults(handler=cmd_compare)
+
+
+def add_analysis_commands(sub, common: argparse.ArgumentParser) -> None:
+    """``mrprune analyze lps|redundancy|allocation|compare`` and ``mrprune compare``."""
+    a = sub.add_parser("analyze", help="the paper's observations: lps, redundancy, allocation, compare",
+                       description="Analyses behind MRP's observations; each writes JSON, a PNG plot and Markdown.")
+    asub = a.add_subparsers(dest="analysis", required=True, parser_class=_Parser)
+
+    lps = _analysis_parser(asub, "lps", common, "layerwise pruning sensitivity",
+                           "Prune one block at --sparsity (others dense) with each metric; record the perplexity "
+                           "increase over dense, for every block.", "lps")
+    lps.add_argument("--metrics", default=None, help="comma-separated metrics, e.g. wanda,magnitude,sparsegpt "
+                     "(default wanda)")
+    lps.add_argument("--blocks", default=None, help="comma-separated block indices (default all)")
+    _add_analysis_output(lps, "mrprune-lps", "write lps.json, lps.png and lps.md to this directory "
+                                             "(default mrprune-lps)")
+    lps.set_defaults(handler=cmd_analyze)
+
+    red = _analysis_parser(asub, "redundancy", common, "per-block non-outlier ratio of a model",
+                           "Per-block non-outlier ratio (MRP's redundancy) of a dense or pruned model.", "redundancy")
+    red.add_argument("model", nargs="?", default=None, help="model directory, .gguf or hub id (default: embedded)")
+    red.add_argument("--dense", default=None, help="dense model of the same architecture: thresholds from it "
+                     "(MRP's definition); default: from the analysed model's surviving weights")
+    _add_analysis_output(red, "mrprune-redundancy", "write redundancy.json, .png and .md to this directory "
+                                                    "(default mrprune-redundancy)")
+    red.set_defaults(handler=cmd_analyze)
+
+    alloc = _analysis_parser(asub, "allocation", common, "per-block sparsity of each allocator",
+                             "Per-block sparsity each allocator gives for one model, target and metric, and the "
+                             "redundancy spread each leaves after pruning.", "allocation")
+    alloc.add_argument("--allocations", default="uniform,owl,alphapruning,mrp",
+                       help="comma-separated allocations (default uniform,owl,alphapruning,mrp)")
+    alloc.add_argument("--eval", dest="evaluate", action="store_const", const=True, default=None,
+                       help="also measure each allocation's perplexity")
+    _add_analysis_output(alloc, "mrprune-allocation", "write allocation.json, .png and .md to this directory "
+                                                      "(default mrprune-allocation)")
+    alloc.set_defaults(handler=cmd_analyze)
+
+    _add_compare_parser(asub, common)
+    _add_compare_parser(sub, common)
 
 
 def setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock"):
+    for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock", "lm_eval", "datasets"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 

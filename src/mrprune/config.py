@@ -34,12 +34,21 @@ class CalibrationConfig:
 
 @dataclass
 class EvalConfig:
-    """Perplexity protocol: non-overlapping windows of ``seqlen`` tokens, optional BOS per window."""
+    """Perplexity protocol: non-overlapping windows of ``seqlen`` tokens, optional BOS per window.
+
+    Zero-shot (lm-evaluation-harness): ``tasks`` comma-separated, at most ``limit`` items each, ``num_fewshot``
+    examples per prompt, ``batch_size`` sequences per forward, local data from the folder ``task_data``.
+    """
 
     text: str | None = None
     seqlen: int = 2048
     max_windows: int | None = None
     bos: str = "auto"
+    tasks: str | None = None
+    limit: int | None = None
+    num_fewshot: int = 0
+    task_data: str | None = None
+    batch_size: int = 1
 
 
 @dataclass
@@ -74,6 +83,7 @@ class MrpConfig:
     step: float = 0.05
     min_step: float = 0.005
     gamma: float = 0.95
+    checkpoint_stride: int = 0
 
 
 @dataclass
@@ -148,9 +158,22 @@ class PruneConfig:
         check_positive("sparsegpt.blocksize", self.sparsegpt.blocksize)
         if self.evaluation.max_windows is not None:
             check_positive("evaluation.max_windows", self.evaluation.max_windows)
+        _check_zeroshot(self.evaluation)
         if not 0.0 <= self.sparsegpt.percdamp < 1.0:
             raise ConfigError(f"sparsegpt.percdamp must be in [0, 1), got {self.sparsegpt.percdamp}")
         return self
+
+
+def _check_zeroshot(e: EvalConfig) -> None:
+    if e.tasks is not None and not all(name.strip() for name in e.tasks.split(",")):
+        raise ConfigError(f"evaluation.tasks needs comma-separated task names, got {e.tasks!r}")
+    if e.limit is not None:
+        check_positive("evaluation.limit", e.limit)
+    check_positive("evaluation.batch_size", e.batch_size)
+    if not isinstance(e.num_fewshot, int) or isinstance(e.num_fewshot, bool) or e.num_fewshot < 0:
+        raise ConfigError(f"evaluation.num_fewshot must be a non-negative integer, got {e.num_fewshot!r}")
+    if e.tasks is None and (e.limit is not None or e.task_data is not None or e.num_fewshot):
+        raise ConfigError("evaluation.limit, num_fewshot and task_data apply to zero-shot tasks: set --tasks too")
 
 
 def _check_choice(name: str, value: str, choices) -> None:

@@ -36,3 +36,7 @@ class PatternError(MrpruneError):
 
 class OutputError(MrpruneError):
     """The output directory cannot be written as asked."""
+
+
+class EvalError(MrpruneError):
+    """Zero-shot evaluation cannot run as asked (lm-eval missing, unknown task, task data out of reach)."""

@@ -67,6 +67,7 @@ class PruneReport:
     timings_s: dict[str, float] = field(default_factory=dict)
     memory_mib: dict[str, float | None] = field(default_factory=dict)
     perplexity: dict[str, Any] = field(default_factory=dict)
+    zeroshot: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str | None] = field(default_factory=versions)
     created: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat())
     extra: dict[str, Any] = field(default_factory=dict)
@@ -104,6 +105,7 @@ class PruneReport:
             "blocks": self.blocks,
             "layers": self.layers,
             "perplexity": self.perplexity,
+            **({"zeroshot": self.zeroshot} if self.zeroshot else {}),
             "timings_s": self.timings_s,
             "memory_mib": self.memory_mib,
             **self.extra,
@@ -131,6 +133,10 @@ class PruneReport:
             if when in self.perplexity:
                 p = self.perplexity[when]
                 lines.append(f"perplexity {when:<6} {p['perplexity']:.3f}  ({p['protocol']})")
+        if self.zeroshot:
+            from .evaluate.zeroshot import zeroshot_markdown
+
+            lines += ["", zeroshot_markdown(self.zeroshot), ""]
         if self.timings_s:
             lines.append("time (s)   " + ", ".join(f"{k} {v:.1f}" for k, v in self.timings_s.items()))
         return "\n".join(lines)

@@ -94,40 +94,42 @@ class SequentialPruner:
         if self.offload:
             self.adapter.blocks[index].to("cpu")
 
-    def collect_stats(self, acts: Activations, layers: list[LinearRef]) -> dict[str, LayerStats]:
-        """Statistics of ``layers`` (all in block ``acts.index``) from one forward over the cached inputs."""
+    def collect_stats(self, acts: Activations, layers: list[LinearRef], sq_norm: bool = False) -> dict[str, LayerStats]:
+        """Statistics of ``layers`` (all in block ``acts.index``) from one forward over the cached inputs: what
+        the metric needs, plus ``sq_norm`` when asked (redundancy needs it whatever the metric)."""
         block = self.adapter.blocks[acts.index]
         call = acts.calls[acts.index].to(self.device)
         with self.timer.phase("statistics"):
-            with StatsCollector(layers, self.metric.needs_sq_norm, self.metric.needs_hessian) as collector:
+            want_sq_norm = sq_norm or self.metric.needs_sq_norm
+            with StatsCollector(layers, want_sq_norm, self.metric.needs_hessian) as collector:
                 run_block(block, call, acts.hidden, self.batch_size, self.device, write_back=False)
         return collector.result()
 
-    def advance(self, acts: Activations) -> None:
-        """Replace the cached inputs of block ``acts.index`` by its outputs (current weights)."""
-        block = self.adapter.blocks[acts.index]
-        call = acts.calls[acts.index].to(self.device)
-        with self.timer.phase("recompute"):
-            run_block(block, call, acts.hidden, self.batch_size, self.device, write_back=True)
+    def advance(self, acts: Activations, observe: bool = False, phase: str = "recompute") -> dict[str, LayerStats]:
+        """Replace the cached inputs of block ``acts.index`` by its outputs (current weights); with ``observe``
+        also return every layer's input ``sq_norm`` seen on the way (one forward for both)."""
+        index = acts.index
+        block = self.adapter.blocks[index]
+        call = acts.calls[index].to(self.device)
+        with self.timer.phase(phase):
+            if observe:
+                with StatsCollector(self.adapter.linear_layers(index), sq_norm=True, hessian=False) as collector:
+                    run_block(block, call, acts.hidden, self.batch_size, self.device, write_back=True)
+            else:
+                run_block(block, call, acts.hidden, self.batch_size, self.device, write_back=True)
         acts.index += 1
+        return collector.result() if observe else {}
 
-    def observe(self, input_ids: torch.Tensor, sq_norm: bool = True, hessian: bool = False,
-                phase: str = "dense statistics") -> dict[str, LayerStats]:
-        """Input statistics of every decoder linear layer of the model as it is now (no pruning): one forward
-        per block serves both the statistics and the next block's inputs."""
+    def observe(self, input_ids: torch.Tensor) -> dict[str, LayerStats]:
+        """Input ``sq_norm`` of every decoder linear layer of the model as it is now, without pruning."""
         acts = self.capture(input_ids)
         stats: dict[str, LayerStats] = {}
         for index in tqdm(range(self.adapter.num_blocks), desc="statistics", unit="block", disable=not self.progress):
             self._block_on_device(index)
             try:
-                with self.timer.phase(phase):
-                    with StatsCollector(self.adapter.linear_layers(index), sq_norm, hessian) as collector:
-                        run_block(self.adapter.blocks[index], acts.calls[index].to(self.device), acts.hidden,
-                                  self.batch_size, self.device, write_back=True)
-                stats.update(collector.result())
+                stats.update(self.advance(acts, observe=True, phase="dense statistics"))
             finally:
                 self._release(index)
-            acts.index += 1
         return stats
 
     # ------------------------------------------------------------------------------------------------ prune

@@ -7,8 +7,8 @@ from mrprune.metrics.pattern import SparsityPattern
 
 
 @pytest.mark.parametrize("shape,sparsity", [((8, 16), 0.5), ((7, 13), 0.3), ((5, 9), 0.71), ((3, 4), 0.0)])
-def test_per_row_prunes_exact_total_and_rows_differ_by_at_most_one(shape, sparsity):
-    scores = torch.rand(shape)
+def test_per_row_prunes_exact_total_and_rows_differ_by_at_most_one(shape, sparsity, device):
+    scores = torch.rand(shape, device=device)
     mask = lowest_per_row(scores, target_count(scores.numel(), sparsity))
     assert int(mask.sum()) == round(scores.numel() * sparsity)
     per_row = mask.sum(1)
@@ -30,8 +30,8 @@ def test_matrix_group_prunes_globally_lowest():
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 8)])
-def test_n_of_m_prunes_exactly_n_lowest_in_every_group(n, m):
-    scores = torch.rand(5, 4 * m)
+def test_n_of_m_prunes_exactly_n_lowest_in_every_group(n, m, device):
+    scores = torch.rand(5, 4 * m, device=device)
     mask = lowest_n_of_m(scores, SparsityPattern(n, m))
     groups_mask = mask.view(5, -1, m)
     assert (groups_mask.sum(-1) == n).all()

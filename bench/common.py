@@ -10,7 +10,7 @@ WIKITEXT = SHARED / "wikitext2_test.txt"
 HELDOUT_DOCS = 300
 
 
-def c4_split(directory: Path) -> tuple[Path, Path]:
+def c4_split(directory: Path, c4: Path = C4) -> tuple[Path, Path]:
     """(calibration parquet of the first 1700 C4 documents, held-out text of the last 300).
 
     Hyper-parameters are tuned on the held-out text, never on WikiText-2 test, which is kept for final figures.
@@ -20,7 +20,7 @@ def c4_split(directory: Path) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     calib, heldout = directory / "c4_calib.parquet", directory / "c4_heldout.txt"
     if not calib.exists() or not heldout.exists():
-        table = pq.read_table(C4, columns=["text"])
+        table = pq.read_table(c4, columns=["text"])
         pq.write_table(table.slice(0, table.num_rows - HELDOUT_DOCS), calib)
         heldout.write_text("\n\n".join(table.column("text").to_pylist()[-HELDOUT_DOCS:]), encoding="utf-8")
     return calib, heldout

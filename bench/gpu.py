@@ -91,13 +91,15 @@ def floor(adapter, ids, args, offload: bool) -> dict:
 def mrprune_run(model, ids, args, method: str, offload: bool) -> dict:
     metric, allocation = (method, "uniform") if method in ("magnitude", "wanda", "sparsegpt") else ("wanda", method)
     sparsity = args.sparsity if allocation == "uniform" else args.mrp_sparsity
+    mrp = {f"allocation.mrp.{k}": float(v) for k, v in (p.split("=") for p in args.mrp_options.split())}
     config = merge(PruneConfig(), {
+        **(mrp if allocation.startswith("mrp") else {}),
         "metric": metric, "sparsity": sparsity, "allocation.method": allocation, "runtime.device": "cuda",
         "runtime.offload": offload, "runtime.offload_activations": args.offload_activations and offload,
         "runtime.batch_size": args.batch_size,
         "calibration.nsamples": ids.shape[0], "calibration.seqlen": ids.shape[1],
     })
-    outcome = prune(model, config, progress=False, calibration_ids=ids)
+    outcome = prune(model, config, progress=args.progress, calibration_ids=ids)
     report = outcome.report
     result = {"phases": report.timings_s, "sparsity": report.sparsity["achieved"]}
     if "iterations" in report.allocation:
@@ -112,16 +114,30 @@ def llmc_run(model, ids, args, method: str) -> dict:
 
     modifier = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}[method](
         sparsity=args.sparsity, targets=["Linear"], ignore=["lm_head"])
+    if not model.config._name_or_path:  # llm-compressor re-reads the config from this path
+        import tempfile
+
+        model.config._name_or_path = tempfile.mkdtemp(prefix="random-llama-")
+        model.config.save_pretrained(model.config._name_or_path)
     rows = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
     loader = DataLoader(rows, batch_size=1)
     oneshot(model=model, dataset=loader, recipe=modifier, num_calibration_samples=ids.shape[0],
-            max_seq_length=ids.shape[1], pipeline="sequential")
+            max_seq_length=ids.shape[1], pipeline="sequential", processor=placeholder_tokenizer())
     adapter = get_adapter(model)
     refs = adapter.all_linear_layers()
     zeros = sum(int((r.weight == 0).sum()) for r in refs)
     return {"sparsity": zeros / sum(r.numel for r in refs),
             "layer_sparsity_range": [min(float((r.weight == 0).float().mean()) for r in refs),
                                      max(float((r.weight == 0).float().mean()) for r in refs)]}
+
+
+def placeholder_tokenizer():
+    """llm-compressor insists on a processor when given data; the random model's token ids need none."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<unk>")
 
 
 def table(rows: list[dict]) -> str:
@@ -156,6 +172,8 @@ def main() -> None:
     parser.add_argument("--offload", default="no,yes", help="which of no,yes to run")
     parser.add_argument("--offload-activations", action="store_true", help="with --offload, activations on CPU")
     parser.add_argument("--llmc", default="wanda,sparsegpt", help="llm-compressor methods ('' to skip)")
+    parser.add_argument("--mrp-options", default="", help="e.g. 'step=0.1 gamma=0.9 min_step=0.02'")
+    parser.add_argument("--progress", action="store_true", help="progress bars on stderr")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 

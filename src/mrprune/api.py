@@ -8,17 +8,21 @@ from pathlib import Path
 
 import torch
 
+from . import preflight
 from .allocate import AllocationContext, IterativeAllocator, build_allocator
+from .checkpoint import Checkpoint, fingerprint
 from .config import PruneConfig
 from .data import load_eval_text, read_corpus, sample_calibration
 from .errors import ConfigError
 from .evaluate import zeroshot as zs
-from .evaluate.perplexity import PerplexityResult, perplexity
-from .export import check_output, export_model
+from .evaluate.perplexity import PerplexityResult, eval_windows, perplexity
+from .export import check_disk, check_output, export_bytes, export_model
 from .metrics import build_metric
 from .metrics.pattern import SparsityPattern
 from .models.adapter import ModelAdapter, get_adapter
-from .models.loading import load_model, resolve_device
+from .models.loading import (ModelSource, load_model, load_tokenizer, load_weights, open_source, resolve_device,
+                             resolve_dtype, skeleton)
+from .numerics import check_weights
 from .report import PruneReport
 from .runner import SequentialPruner
 from .runtime import PhaseTimer, peak_device_memory_mib, peak_host_memory_mib, place_model, streamed_blocks
@@ -74,6 +78,78 @@ def _load(model, tokenizer, config: PruneConfig):
     return model, tokenizer, source, local
 
 
+@dataclass
+class _Target:
+    """The model of a job before its weights load: where it is, its config and tokenizer, and later its weights."""
+
+    model: torch.nn.Module | None  # None until the weights load
+    tokenizer: object
+    description: str
+    local_dir: Path | None
+    identity: str  # resolved directory or hub id (checkpoint fingerprint)
+    model_config: object
+    dtype: torch.dtype
+    source: ModelSource | None = None  # how to load the weights (None: an in-memory model)
+
+
+def _locate(model, tokenizer, config: PruneConfig, device: torch.device) -> _Target:
+    """Find the model and read its config and tokenizer, without touching its weights (GGUF is converted once
+    and cached: that cannot be avoided)."""
+    r = config.runtime
+    if model is None or isinstance(model, (str, Path)):
+        spec = str(model) if model is not None else config.model
+        dtype = resolve_dtype(r.dtype, device)
+        source = open_source(spec, r.trust_remote_code, r.allow_pickle)
+        tok = load_tokenizer(source, r.trust_remote_code)
+        return _Target(None, tok, source.description, source.local_dir, source.identity, source.config, dtype, source)
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    local = Path(name) if name and Path(name).is_dir() else None
+    identity = str(local.resolve()) if local is not None else name
+    dtype = next(model.parameters()).dtype
+    return _Target(model, tokenizer, name, local, identity, getattr(model, "config", {}), dtype)
+
+
+def _early_allocation(allocator, adapter: ModelAdapter, config: PruneConfig, pattern: SparsityPattern) -> None:
+    """Allocations that need only the model's shape (uniform, file) and MRP's options are checked on the
+    weightless skeleton, so a bad ratios file fails before the weights load."""
+    from .allocate.mrp import resolve_start
+
+    method = config.allocation.method
+    target = resolve_target(config, pattern)
+    if method in ("uniform", "file"):
+        allocator.allocate(AllocationContext(adapter, target, config.allocation.granularity, config))
+    elif method in ("mrp", "mrp-fast"):
+        resolve_start(config.allocation.mrp, target)
+
+
+def _run_plan(config: PruneConfig, device: torch.device, metric, needs_calibration: bool,
+              calib_ids: torch.Tensor | None, resident: str | None) -> preflight.RunPlan:
+    r, c = config.runtime, config.calibration
+    n, seqlen = (calib_ids.shape[0], calib_ids.shape[1]) if calib_ids is not None else (c.nsamples, c.seqlen)
+    return preflight.RunPlan(
+        device=device, nsamples=n, seqlen=seqlen, batch_size=r.batch_size, offload=r.offload,
+        offload_activations=r.offload_activations, calibrate=needs_calibration, hessian=metric.needs_hessian,
+        mrp_stride=config.allocation.mrp.checkpoint_stride if config.allocation.method == "mrp" else None,
+        eval_seqlen=config.evaluation.seqlen if config.evaluate else None, resident=resident,
+        checkpoint=bool(r.checkpoint_dir),
+    )
+
+
+def _check_places(config: PruneConfig, local_dir: Path | None) -> None:
+    """The checkpoint directory may not be the output's, inside it, around it, or inside the input model."""
+    if not config.runtime.checkpoint_dir:
+        return
+    ckpt = Path(config.runtime.checkpoint_dir).expanduser().resolve()
+    out = Path(config.output).expanduser().resolve() if config.output is not None else None
+    if out is not None and (ckpt == out or out in ckpt.parents or ckpt in out.parents):
+        raise ConfigError(f"--checkpoint-dir {ckpt} and --output {out} must be separate directories "
+                          "(the export replaces the output directory)")
+    if local_dir is not None:
+        src = Path(local_dir).resolve()
+        if ckpt == src or src in ckpt.parents or ckpt in src.parents:
+            raise ConfigError(f"--checkpoint-dir {ckpt} may not be inside (or contain) the input model {src}")
+
+
 def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, progress: bool = True,
           calibration_ids: torch.Tensor | None = None) -> PruneOutcome:
     """Prune ``model`` (a loaded HF model, a path or hub id, or None for ``config.model``) as ``config`` says.
@@ -81,27 +157,33 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
     An in-memory model is pruned in place; files it was loaded from are never written. With
     ``config.output`` the result is exported there, report included. ``calibration_ids`` (n x seqlen token
     ids) replaces the sampling of ``config.calibration`` when given.
+
+    Everything that can be checked without the weights is checked before they load: the model's config and
+    tokenizer, the calibration and evaluation text, the output (writable, room on disk), the checkpoint, the
+    allocation where it needs only shapes, and the memory the run will take (``runtime.preflight``).
     """
     config = (config or PruneConfig()).validate()
-    device = resolve_device(config.runtime.device)
+    r = config.runtime
+    device = resolve_device(r.device)
     timer = PhaseTimer(device)
     pattern = SparsityPattern.parse(config.pattern)
+    metric = build_metric(config.metric, config)
+    allocator = build_allocator(config.allocation.method, config)
+    needs_calibration = metric.needs_calibration or allocator.needs_calibration
     zeroshot_tasks = None
     if config.evaluation.tasks:
         with timer.phase("zeroshot"):  # a missing lm-eval, task or task data fails here, before any heavy work
             zeroshot_tasks = zs.prepare_tasks(config.evaluation.tasks, config.evaluation.task_data)
+
+    # 1. the model's config and tokenizer, not its weights
     with timer.phase("load"):
-        model, tokenizer, source, source_dir = _load(model, tokenizer, config)
-    adapter = get_adapter(model)
-    check_pattern(adapter, pattern)
-    if config.output is not None:
-        check_output(config.output, config.overwrite, source_dir)
-    metric = build_metric(config.metric, config)
-    allocator = build_allocator(config.allocation.method, config)
-    needs_calibration = metric.needs_calibration or allocator.needs_calibration
+        target = _locate(model, tokenizer, config, device)
+    tokenizer = target.tokenizer
     if (needs_calibration and calibration_ids is None or config.evaluate or zeroshot_tasks) and tokenizer is None:
         raise ConfigError("a tokenizer is needed for calibration and evaluation; pass tokenizer=...")
+    _check_places(config, target.local_dir)
 
+    # 2. the text: too little of it is an error before the weights load
     calib_ids = None
     eval_corpus = None
     with timer.phase("data"):
@@ -113,11 +195,83 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
             calib_ids = sample_calibration(corpus, tokenizer, c.nsamples, c.seqlen, c.seed)
             log.info("calibration: %d x %d tokens from %s (seed %d)", c.nsamples, c.seqlen, corpus.name, c.seed)
         if config.evaluate:
-            eval_corpus = load_eval_text(config.evaluation.text)
+            e = config.evaluation
+            eval_corpus = load_eval_text(e.text)
+            eval_windows(tokenizer, eval_corpus.text, e.seqlen, e.max_windows, e.bos)  # too short: fail now
 
+    # 3. what the model's shape decides: pattern, allocation, output and checkpoint room, memory
+    shaped = target.model
+    if shaped is None:
+        with timer.phase("load"):
+            shaped = skeleton(target.source, target.dtype, r.trust_remote_code)
+    checkpoint = None
+    if shaped is not None:
+        checkpoint = _preflight(config, target, shaped, allocator, pattern, metric, needs_calibration, calib_ids,
+                                device)
+
+    # 4. the weights
+    if target.model is None:
+        with timer.phase("load"):
+            target.model = load_weights(target.source, target.dtype, r.trust_remote_code, r.allow_pickle)
+    model = target.model
+    adapter = get_adapter(model)
+    with timer.phase("load"):
+        check_weights(model, adapter.blocks_name)
+    if shaped is None:  # no skeleton: the same checks, now on the loaded model
+        checkpoint = _preflight(config, target, model, allocator, pattern, metric, needs_calibration, calib_ids,
+                                device)
+
+    try:
+        outcome = _prune_loaded(config, target, adapter, metric, allocator, pattern, calib_ids, eval_corpus,
+                                zeroshot_tasks, device, timer, progress, checkpoint)
+    except KeyboardInterrupt as exc:
+        if checkpoint is not None and checkpoint.progress is not None:
+            exc.checkpoint_dir = str(checkpoint.directory)  # type: ignore[attr-defined]
+        raise
+    if checkpoint is not None and r.remove_checkpoint:
+        checkpoint.remove()
+    return outcome
+
+
+def _preflight(config: PruneConfig, target: _Target, shaped: torch.nn.Module, allocator, pattern, metric,
+               needs_calibration: bool, calib_ids, device: torch.device) -> Checkpoint | None:
+    """Checks on the model's shape (``shaped``: the loaded model or its weightless skeleton); opens the
+    checkpoint. Raises a one-line MrpruneError on the first problem."""
+    r = config.runtime
+    adapter = get_adapter(shaped)
+    check_pattern(adapter, pattern)
+    _early_allocation(allocator, adapter, config, pattern)
+    shape = preflight.ModelShape.from_model(shaped, adapter, target.dtype)
+    if config.output is not None:
+        detail = f"{shape.parameters:,} parameters x {shape.dtype_size} bytes + 10%"
+        check_output(config.output, config.overwrite, target.local_dir,
+                     export_bytes(shape.parameters, shape.dtype_size), detail)
+    checkpoint = None
+    if r.checkpoint_dir:
+        fp = fingerprint(config, target.identity, target.model_config, calib_ids, device, target.dtype,
+                         adapter.num_blocks)
+        checkpoint = Checkpoint.open(r.checkpoint_dir, fp, r.resume)
+        if not checkpoint.resuming:
+            blocks = sum(shape.dtype_size * ref.numel for ref in adapter.all_linear_layers())
+            acts = 0 if calib_ids is None else 2 * calib_ids.numel() * shape.hidden * shape.dtype_size
+            check_disk(checkpoint.directory, int(blocks * 1.1) + acts, "the checkpoint",
+                       "the pruned decoder weights + 10%, and the activations twice")
+    if r.preflight:
+        resident = None
+        if target.model is not None:
+            resident = "device" if next(target.model.parameters()).device.type == "cuda" else "host"
+        preflight.preflight(shape, _run_plan(config, device, metric, needs_calibration, calib_ids, resident))
+    return checkpoint
+
+
+def _prune_loaded(config: PruneConfig, target: _Target, adapter: ModelAdapter, metric, allocator, pattern,
+                  calib_ids, eval_corpus, zeroshot_tasks, device: torch.device, timer: PhaseTimer, progress: bool,
+                  checkpoint: Checkpoint | None) -> PruneOutcome:
+    """The heavy part: dense statistics, allocation, the sequential pass, evaluation and export."""
+    model, tokenizer = target.model, target.tokenizer
     runner = SequentialPruner(
         adapter, metric, pattern, device, config.runtime.batch_size, config.runtime.offload,
-        config.runtime.offload_activations, timer, progress,
+        config.runtime.offload_activations, timer, progress, checkpoint=checkpoint,
     )
 
     def measure() -> PerplexityResult:
@@ -129,7 +283,7 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
     if config.evaluate:
         ppl["before"] = measure().to_dict()
     dense_stats = runner.observe(calib_ids) if allocator.needs_calibration else None
-    ctx = AllocationContext(adapter, resolve_target(config, pattern), config.allocation.granularity, config,
+    ctx = AllocationContext(adapter, resolve_target(config, runner.pattern), config.allocation.granularity, config,
                             dense_stats=lambda: dense_stats)
     if isinstance(allocator, IterativeAllocator):
         allocation, records = allocator.prune(ctx, runner, calib_ids)
@@ -147,16 +301,18 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
                                             e.batch_size).to_dict()
 
     report = PruneReport.build(
-        model_summary(adapter, source), config.to_dict(), allocation, records,
+        model_summary(adapter, target.description), config.to_dict(), allocation, records,
         perplexity=ppl,
         zeroshot=zeroshot,
         memory_mib={"peak_host": round(peak_host_memory_mib(), 1), "peak_device": peak_device_memory_mib(device)},
     )
+    if checkpoint is not None and checkpoint.resuming:
+        report.extra["resumed_from"] = str(checkpoint.directory)
     report.timings_s = timer.as_dict()
     output = None
     if config.output is not None:
         written = report.to_dict()
-        output = export_model(model, tokenizer, config.output, written, config.overwrite, source_dir)
+        output = export_model(model, tokenizer, config.output, written, config.overwrite, target.local_dir)
         report.timings_s = written["timings_s"]
     return PruneOutcome(model, tokenizer, report, output)
 

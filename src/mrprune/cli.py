@@ -8,8 +8,10 @@ also be set from a YAML/JSON file with ``--config``; flags given on the command 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any
 from . import __version__
 from .allocate import ALLOCATORS
 from .config import PruneConfig, check_positive, dump_config, load_config, merge
-from .errors import ConfigError, MrpruneError
+from .errors import ConfigError, Interrupted, MrpruneError
 from .metrics import METRICS
 
 
@@ -36,7 +38,8 @@ class Option:
     help: str
     type: Any = str
     choices: Any = None
-    flag_only: bool = False  # a switch: present means True
+    flag_only: bool = False  # a switch: present means ``const``
+    const: Any = True
 
 
 PRUNE_OPTIONS = [
@@ -85,6 +88,15 @@ PRUNE_OPTIONS = [
     Option("--trust-remote-code", "runtime.trust_remote_code", "allow model code from the hub", flag_only=True),
     Option("--allow-pickle", "runtime.allow_pickle", "allow pickle (.bin) checkpoints, which can run code",
            flag_only=True),
+    Option("--checkpoint-dir", "runtime.checkpoint_dir", "save progress here after every finished block "
+           "(an empty or new directory; with --resume, the directory of the interrupted run)"),
+    Option("--resume", "runtime.resume", "continue the run saved in --checkpoint-dir (same options; same result "
+           "bit for bit on the CPU)", flag_only=True),
+    Option("--remove-checkpoint", "runtime.remove_checkpoint", "delete the checkpoint's files after a successful "
+           "run (default: keep them; a finished checkpoint re-exports with --resume without pruning again)",
+           flag_only=True),
+    Option("--no-preflight", "runtime.preflight", "skip the memory estimate that refuses runs which would not fit",
+           flag_only=True, const=False),
     Option("--sparsegpt-blocksize", "sparsegpt.blocksize", "SparseGPT column block (default 128)", type=int),
     Option("--sparsegpt-damp", "sparsegpt.percdamp", "SparseGPT dampening, fraction of mean diag H "
            "(default 0.01)", type=float),
@@ -110,7 +122,8 @@ PRUNE_OPTIONS = [
 def _add_option(parser: argparse.ArgumentParser, option: Option) -> None:
     dest = option.path.replace(".", "__")
     if option.flag_only:
-        parser.add_argument(option.flag, dest=dest, action="store_const", const=True, default=None, help=option.help)
+        parser.add_argument(option.flag, dest=dest, action="store_const", const=option.const, default=None,
+                            help=option.help)
     else:
         parser.add_argument(option.flag, dest=dest, type=option.type, choices=option.choices, default=None,
                             help=option.help, metavar=None if option.choices else option.flag.lstrip("-").upper())
@@ -262,6 +275,9 @@ _ALLOCATORS = ("allocation.ratios", "allocation.granularity", "allocation.owl.",
 _ZEROSHOT = ("evaluation.tasks", "evaluation.limit", "evaluation.num_fewshot", "evaluation.task_data",
              "evaluation.batch_size")
 
+#: prune options no analysis takes (an analysis is not resumable and runs no preflight)
+_PRUNE_ONLY = ("runtime.checkpoint_dir", "runtime.resume", "runtime.remove_checkpoint", "runtime.preflight")
+
 #: the prune options each analysis takes (PruneConfig paths; a trailing dot takes the whole section)
 ANALYSIS_OPTIONS = {
     "lps": _SHARED + _EVAL + ("sparsity", "pattern"),
@@ -276,6 +292,8 @@ def _analysis_parser(sub, name: str, common: argparse.ArgumentParser, help: str,
     p = sub.add_parser(name, parents=[common], help=help, description=description)
     p.add_argument("--config", help="YAML/JSON file of options (keys as in mrprune prune --dump-config)")
     for option in PRUNE_OPTIONS:
+        if option.path in _PRUNE_ONLY:
+            continue
         if any(option.path == k or (k.endswith(".") and option.path.startswith(k)) for k in ANALYSIS_OPTIONS[options]):
             _add_option(p, option)
     return p
@@ -380,19 +398,55 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock", "lm_eval", "datasets"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    if quiet:  # transformers' own loading/saving bars too
+        with contextlib.suppress(ImportError, AttributeError):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+
+
+def _terminate(signum: int, frame) -> None:
+    """SIGTERM handler: unwind like Ctrl-C, so atomic writes clean up and the exit code is 143."""
+    raise Interrupted(signum, signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While active (main thread only), SIGTERM raises :class:`Interrupted` instead of killing the process."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_message(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """The one line printed for an interruption, and the exit code (130 SIGINT, 143 SIGTERM)."""
+    name, code = (exc.name, exc.exit_code) if isinstance(exc, Interrupted) else ("SIGINT", 130)
+    saved = getattr(exc, "checkpoint_dir", None)
+    tail = "; no output was written"
+    if saved:
+        tail += f"; progress is saved in {saved}: rerun the same command with --resume to continue"
+    return f"mrprune: interrupted by {name}{tail}", code
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet)
-    try:
-        return args.handler(args)
-    except MrpruneError as exc:
-        print(f"mrprune: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("mrprune: interrupted", file=sys.stderr)
-        return 130
+    with _sigterm_unwinds():
+        try:
+            return args.handler(args)
+        except MrpruneError as exc:
+            print(f"mrprune: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt as exc:
+            message, code = interrupted_message(exc)
+            print(message, file=sys.stderr)
+            return code
 
 
 if __name__ == "__main__":

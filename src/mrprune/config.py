@@ -98,6 +98,11 @@ class AllocationConfig:
 
 @dataclass
 class RuntimeConfig:
+    """Where and how a job runs. ``checkpoint_dir`` saves progress after every finished block; ``resume``
+    continues from it (same options, same result bit for bit on the CPU); ``remove_checkpoint`` deletes its
+    content after a successful run (kept by default: a finished checkpoint re-exports without re-pruning).
+    ``preflight`` refuses, before the weights load, a run whose estimated memory does not fit."""
+
     device: str = "auto"
     dtype: str = "auto"
     offload: bool = False
@@ -105,6 +110,10 @@ class RuntimeConfig:
     batch_size: int = 8
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    remove_checkpoint: bool = False
+    preflight: bool = True
 
 
 @dataclass
@@ -161,6 +170,9 @@ class PruneConfig:
         _check_zeroshot(self.evaluation)
         if not 0.0 <= self.sparsegpt.percdamp < 1.0:
             raise ConfigError(f"sparsegpt.percdamp must be in [0, 1), got {self.sparsegpt.percdamp}")
+        if (self.runtime.resume or self.runtime.remove_checkpoint) and not self.runtime.checkpoint_dir:
+            flag = "--resume" if self.runtime.resume else "--remove-checkpoint"
+            raise ConfigError(f"{flag} needs --checkpoint-dir DIR (the directory of the interrupted run)")
         return self
 
 
@@ -225,7 +237,9 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+            shown = f"{prefix}{key}"
+            shown = f"'{shown}'" if shown.isprintable() else repr(shown)  # one line, whatever the key holds
+            raise ConfigError(f"unknown config key {shown}{hint}")
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
     return cls(**kwargs)
 
@@ -248,7 +262,10 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond any float
+                raise ConfigError(f"config key '{path}' expects a float, got an integer too large for one") from None
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

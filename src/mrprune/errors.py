@@ -40,3 +40,31 @@ class OutputError(MrpruneError):
 
 class EvalError(MrpruneError):
     """Zero-shot evaluation cannot run as asked (lm-eval missing, unknown task, task data out of reach)."""
+
+
+class ResourceError(MrpruneError):
+    """The run would not fit: too little memory on the device or the host, or too little disk for the output."""
+
+
+class NumericsError(MrpruneError):
+    """Weights, activations or statistics hold NaN or Inf: continuing would write a broken model."""
+
+
+class CheckpointError(MrpruneError):
+    """A checkpoint directory cannot be used as asked (missing, not ours, or made by a different run)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: unwinds like Ctrl-C (``finally`` blocks and atomic writes clean up).
+
+    A KeyboardInterrupt subclass so that ``except Exception`` never swallows it; ``exit_code`` is 128 + signal.
+    """
+
+    def __init__(self, signum: int, name: str):
+        super().__init__(name)
+        self.signum = signum
+        self.name = name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -15,20 +15,49 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError
+from .errors import OutputError, ResourceError
 from .models.loading import strip_gguf_quantizer
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "mrprune_report.json"
+#: the export's size beyond its weights (tokenizer, config, report, safetensors headers), as a fraction
+EXPORT_OVERHEAD = 0.10
 
 
 def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def check_output(output: str | Path, overwrite: bool, source_dir: Path | None) -> Path:
-    """Validate the output directory before any heavy work; returns its absolute path."""
+def existing_ancestor(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def export_bytes(parameters: int, dtype_size: int) -> int:
+    """Estimated size of an export: every parameter once in the run's dtype, plus 10%."""
+    return int(parameters * dtype_size * (1 + EXPORT_OVERHEAD))
+
+
+def check_disk(path: str | Path, needed: int, what: str, detail: str = "") -> None:
+    """Refuse (ResourceError, both numbers) when the filesystem of ``path`` has less than ``needed`` bytes free."""
+    where = existing_ancestor(Path(path).expanduser().resolve())
+    free = shutil.disk_usage(where).free
+    if needed > free:
+        from .preflight import gib
+
+        raise ResourceError(
+            f"not enough free disk for {what} at {where}: it needs about {gib(needed)}"
+            f"{f' ({detail})' if detail else ''} but {gib(free)} is free; free some space or choose another place"
+        )
+
+
+def check_output(output: str | Path, overwrite: bool, source_dir: Path | None,
+                 needed_bytes: int | None = None, size_detail: str = "") -> Path:
+    """Validate the output directory before any heavy work; returns its absolute path. With ``needed_bytes``
+    also check that its filesystem has room for the export (the old directory is replaced only at the end, so
+    an overwritten export still needs the full room)."""
     out = Path(output).expanduser().resolve()
     if source_dir is not None:
         src = Path(source_dir).resolve()
@@ -41,11 +70,11 @@ def check_output(output: str | Path, overwrite: bool, source_dir: Path | None) -
             raise OutputError(f"output {out} exists and is not a directory")
         if not overwrite and any(out.iterdir()):
             raise OutputError(f"output directory {out} already exists; pass --overwrite to replace it")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = existing_ancestor(out.parent)
     if not os.access(parent, os.W_OK):
         raise OutputError(f"cannot write to {parent} (permission denied)")
+    if needed_bytes is not None:
+        check_disk(out, needed_bytes, "the export", size_detail)
     return out
 
 

@@ -10,6 +10,10 @@ from typing import Any
 
 from .runner import LayerRecord
 
+#: layer notes (e.g. SparseGPT's raised dampening) printed in the text report; all are in the JSON report
+NOTES_SHOWN = 5
+REPORT_FILE = "mrprune_report.json"
+
 
 def versions() -> dict[str, str | None]:
     from . import __version__
@@ -129,6 +133,11 @@ class PruneReport:
             f"off by {s['deviation_weights']:+.0f} weights, tolerance one row per layer = {s['tolerance_weights']}: "
             f"{'met' if s['target_met'] else 'NOT MET'})",
         ]
+        noted = [(layer["name"], note) for layer in self.layers for note in layer.get("notes", [])]
+        for name, note in noted[:NOTES_SHOWN]:
+            lines.append(f"note       {name}: {note}")
+        if len(noted) > NOTES_SHOWN:
+            lines.append(f"note       ... and {len(noted) - NOTES_SHOWN} more (per layer in {REPORT_FILE})")
         for when in ("before", "after"):
             if when in self.perplexity:
                 p = self.perplexity[when]

@@ -14,9 +14,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .calibrate import BlockCall, StatsCollector, capture_block_inputs, record_block_calls, run_block
+from .checkpoint import Checkpoint
 from .metrics.base import LayerStats, PruningMetric
 from .metrics.pattern import SparsityPattern
 from .models.adapter import LinearRef, ModelAdapter
+from .numerics import check_activations, check_pruned_weight, check_stats
 from .runtime import PhaseTimer, place_model, streamed_blocks
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class SequentialPruner:
         offload_activations: bool = False,
         timer: PhaseTimer | None = None,
         progress: bool = True,
+        checkpoint: Checkpoint | None = None,
     ):
         self.adapter = adapter
         self.metric = metric
@@ -70,6 +73,8 @@ class SequentialPruner:
         self.store = torch.device("cpu") if offload_activations else device
         self.timer = timer or PhaseTimer(device)
         self.progress = progress
+        #: where progress is saved after every finished block (and resumed from), if anywhere
+        self.checkpoint = checkpoint
         self.dtype = next(adapter.model.parameters()).dtype
         place_model(adapter.model, adapter.blocks_name, device, offload)
 
@@ -77,12 +82,27 @@ class SequentialPruner:
     def capture(self, input_ids: torch.Tensor) -> Activations:
         """Record every block's call context and the hidden states entering block 0."""
         with self.timer.phase("capture"):
-            with streamed_blocks(self.adapter.blocks, self.device, self.offload):
-                calls = record_block_calls(self.adapter, input_ids[:1])
+            calls = self.record_calls(input_ids)
             hidden = capture_block_inputs(self.adapter, input_ids, self.batch_size, self.store, self.dtype)
             if self.store.type == "cpu" and self.device.type == "cuda":
                 hidden = hidden.pin_memory()
+        check_activations(hidden, "entering block 0 (the embeddings' output)")
         return Activations(hidden, calls)
+
+    def record_calls(self, input_ids: torch.Tensor) -> list[BlockCall]:
+        """Every block's call context (masks, positions), from one forward of the first window."""
+        with streamed_blocks(self.adapter.blocks, self.device, self.offload):
+            return record_block_calls(self.adapter, input_ids[:1])
+
+    def resume(self, input_ids: torch.Tensor) -> Activations:
+        """The saved activations entering the checkpoint's next block, with freshly recorded call contexts
+        (they depend on the token positions only, not on the block weights)."""
+        with self.timer.phase("capture"):
+            calls = self.record_calls(input_ids)
+            hidden = self.checkpoint.load_activations().to(self.store, self.dtype)
+            if self.store.type == "cpu" and self.device.type == "cuda":
+                hidden = hidden.pin_memory()
+        return Activations(hidden, calls, int(self.checkpoint.progress["next_block"]))
 
     def _block_on_device(self, index: int):
         block = self.adapter.blocks[index]
@@ -103,7 +123,9 @@ class SequentialPruner:
             want_sq_norm = sq_norm or self.metric.needs_sq_norm
             with StatsCollector(layers, want_sq_norm, self.metric.needs_hessian) as collector:
                 run_block(block, call, acts.hidden, self.batch_size, self.device, write_back=False)
-        return collector.result()
+            stats = collector.result()
+            check_stats(stats, acts.index, [ref.name for ref in layers])
+        return stats
 
     def advance(self, acts: Activations, observe: bool = False, phase: str = "recompute") -> dict[str, LayerStats]:
         """Replace the cached inputs of block ``acts.index`` by its outputs (current weights); with ``observe``
@@ -117,8 +139,11 @@ class SequentialPruner:
                     run_block(block, call, acts.hidden, self.batch_size, self.device, write_back=True)
             else:
                 run_block(block, call, acts.hidden, self.batch_size, self.device, write_back=True)
+            check_activations(acts.hidden, f"after block {index}")
+            stats = collector.result() if observe else {}
+            check_stats(stats, index)
         acts.index += 1
-        return collector.result() if observe else {}
+        return stats
 
     def observe(self, input_ids: torch.Tensor) -> dict[str, LayerStats]:
         """Input ``sq_norm`` of every decoder linear layer of the model as it is now, without pruning."""
@@ -142,12 +167,14 @@ class SequentialPruner:
             for ref in layers:
                 weight = ref.weight.to(torch.float32)
                 layer_stats = stats.get(ref.name, LayerStats())
+                known_notes = len(layer_stats.notes)  # layers fed the same input share one LayerStats
                 result = self.metric.prune(weight, layer_stats, targets[ref.name], self.pattern, forced=weight == 0)
+                check_pruned_weight(result.weight, ref.name, ref.block)
                 ref.set_weight(result.weight)
                 zeros = int((ref.weight == 0).sum())
                 records.append(
                     LayerRecord(ref.name, ref.block, tuple(ref.weight.shape), targets[ref.name], zeros, ref.numel,
-                                list(layer_stats.notes))
+                                list(layer_stats.notes[known_notes:]))
                 )
         return records
 
@@ -165,24 +192,52 @@ class SequentialPruner:
             self._release(index)
         return records
 
+    def restore(self) -> tuple[int, list[LayerRecord]]:
+        """With a checkpoint to resume from: its finished blocks' weights copied in; (next block, records)."""
+        ckpt = self.checkpoint
+        if ckpt is None or not ckpt.resuming:
+            return 0, []
+        with self.timer.phase("resume"):
+            ckpt.restore_weights(self.adapter)
+        return int(ckpt.progress["next_block"]), ckpt.records()
+
+    def save_progress(self, acts: Activations | None, block: int, records: list[LayerRecord],
+                      stage: str = "prune", state: dict | None = None) -> None:
+        """After block ``block`` is finished: its weights, the activations entering the next block, progress."""
+        ckpt = self.checkpoint
+        if ckpt is None:
+            return
+        with self.timer.phase("checkpoint"):
+            ckpt.save_blocks(self.adapter, [block])
+            last = block + 1 == self.adapter.num_blocks
+            if acts is not None and not last:
+                ckpt.save_activations(block + 1, acts.hidden)
+            ckpt.commit(stage, range(block + 1), next_block=block + 1,
+                        activations=None if acts is None or last else block + 1, records=records, state=state)
+
     def run(self, input_ids: torch.Tensor | None, targets: dict[str, float]) -> list[LayerRecord]:
-        """Prune every block to the per-layer ``targets`` (qualified layer name -> sparsity)."""
+        """Prune every block to the per-layer ``targets`` (qualified layer name -> sparsity); with a
+        checkpoint, save progress after each block and continue from the saved one when resuming."""
         if not self.metric.needs_calibration:
             return self._run_without_calibration(targets)
-        acts = self.capture(input_ids)
-        records: list[LayerRecord] = []
-        blocks = range(self.adapter.num_blocks)
-        for _ in tqdm(blocks, desc=f"pruning ({self.metric.name})", unit="block", disable=not self.progress):
+        start, records = self.restore()
+        if start >= self.adapter.num_blocks:
+            return records
+        acts = self.resume(input_ids) if start else self.capture(input_ids)
+        blocks = range(start, self.adapter.num_blocks)
+        for index in tqdm(blocks, desc=f"pruning ({self.metric.name})", unit="block", disable=not self.progress):
             records += self.prune_block(acts, targets)
+            self.save_progress(acts, index, records)
         return records
 
     def _run_without_calibration(self, targets: dict[str, float]) -> list[LayerRecord]:
-        records: list[LayerRecord] = []
-        for index in tqdm(range(self.adapter.num_blocks), desc=f"pruning ({self.metric.name})", unit="block",
-                          disable=not self.progress):
+        start, records = self.restore()
+        for index in tqdm(range(start, self.adapter.num_blocks), desc=f"pruning ({self.metric.name})",
+                          unit="block", disable=not self.progress):
             self._block_on_device(index)
             try:
                 records += self.prune_layers(self.adapter.linear_layers(index), targets, {})
             finally:
                 self._release(index)
+            self.save_progress(None, index, records)
         return records

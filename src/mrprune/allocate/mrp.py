@@ -27,6 +27,7 @@ from ..calibrate import StatsCollector, run_block
 from ..errors import ConfigError
 from ..metrics.base import LayerStats
 from ..models.adapter import LinearRef
+from ..numerics import check_stats
 from ..redundancy import UnitCounts, layer_counts, spread, thresholds
 from ..runner import Activations, LayerRecord, SequentialPruner
 from .base import Allocation, AllocationContext, IterativeAllocator
@@ -197,7 +198,9 @@ class MrpRun:
                 with self.pruner.timer.phase("statistics"), StatsCollector(unit.layers, False, True) as collector:
                     run_block(block, acts.calls[unit.block].to(self.pruner.device), acts.hidden,
                               self.pruner.batch_size, self.pruner.device, write_back=False)
-                return collector.result()
+                stats = collector.result()
+                check_stats(stats, unit.block, [ref.name for ref in unit.layers])
+                return stats
 
             return self._with_block(unit.block, collect)
         if metric.needs_sq_norm:
@@ -211,11 +214,9 @@ class MrpRun:
         self._with_block(unit.block, lambda: self.pruner.prune_layers(unit.layers, targets, stats))
         self.stale_from = min(self.stale_from, unit.block)
 
-    def uniform_start(self) -> None:
-        """Capture, then prune every block to s0 (whole-weight rounding), collecting redundancy statistics of
-        the pruned blocks in the same forward that feeds the next block."""
-        pruner = self.pruner
-        acts = pruner.capture(self.input_ids)
+    def _start_cache(self) -> Activations:
+        """Capture the inputs of block 0 and every block's call context; choose the stride; cache block 0."""
+        acts = self.pruner.capture(self.input_ids)
         self.calls = acts.calls
         checkpoint_bytes = acts.hidden.numel() * acts.hidden.element_size()
         if not self.stride:
@@ -223,9 +224,47 @@ class MrpRun:
         log.info("MRP: caching the inputs of every %d block(s) (%.0f MiB each)", self.stride, checkpoint_bytes / 2**20)
         self.checkpoints: dict[int, torch.Tensor] = {}
         self._save_checkpoint(0, acts.hidden)
+        return acts
+
+    def _save_progress(self, blocks: list[int]) -> None:
+        """Saved state of an iteration: the weights of the blocks it changed and the trace (the rest follows
+        from the weights: zeros, global sparsity, and the statistics a refresh from block 0 recomputes)."""
+        ckpt = self.pruner.checkpoint
+        if ckpt is None:
+            return
+        with self.pruner.timer.phase("checkpoint"):
+            ckpt.save_blocks(self.adapter, blocks)
+            ckpt.commit("mrp-iterate", range(self.adapter.num_blocks), state={"trace": self.trace})
+
+    def resume(self) -> None:
+        """Continue a checkpointed run: restore its weights (and trace); statistics are recomputed from block 0
+        by the next refresh, exactly as an uninterrupted run computed them."""
+        ckpt = self.pruner.checkpoint
+        if ckpt.stage() == "mrp-start":
+            self.uniform_start(resume=True)
+            return
+        with self.pruner.timer.phase("resume"):
+            ckpt.restore_weights(self.adapter)
+        self.trace = list(ckpt.progress["state"].get("trace", []))
+        self._start_cache()
+        self.stale_from = 0
+
+    def uniform_start(self, resume: bool = False) -> None:
+        """Capture, then prune every block to s0 (whole-weight rounding), collecting redundancy statistics of
+        the pruned blocks in the same forward that feeds the next block. With ``resume``, continue from the
+        checkpoint's next block (the statistics of the restored blocks are then recomputed by a refresh)."""
+        pruner = self.pruner
+        acts = self._start_cache()
+        first = 0
+        if resume:
+            first, _ = pruner.restore()
+            if 0 < first < self.adapter.num_blocks:
+                hidden = pruner.checkpoint.load_activations().to(acts.hidden.device, acts.hidden.dtype)
+                acts = Activations(hidden, self.calls, first)
         start = Allocation.from_blocks("uniform", self.adapter, [self.s0] * self.adapter.num_blocks, self.s0)
         targets = start.whole_weight_targets(self.adapter)
-        for index in tqdm(range(self.adapter.num_blocks), desc=f"MRP start ({pruner.metric.name}, s0={self.s0:.3f})",
+        for index in tqdm(range(first, self.adapter.num_blocks),
+                          desc=f"MRP start ({pruner.metric.name}, s0={self.s0:.3f})",
                           unit="block", disable=not pruner.progress):
             layers = self.adapter.linear_layers(index)
 
@@ -236,11 +275,15 @@ class MrpRun:
 
             self._remember(self._with_block(index, step))
             self._save_checkpoint(acts.index, acts.hidden)
-        self.stale_from = self.adapter.num_blocks
+            pruner.save_progress(acts, index, [], stage="mrp-start")
+        self.stale_from = 0 if first else self.adapter.num_blocks
 
     def run(self) -> tuple[Allocation, list[LayerRecord]]:
-        self.tau = self.dense_thresholds()
-        self.uniform_start()
+        self.tau = self.dense_thresholds()  # from the dense weights, before a checkpoint's are restored
+        if self.pruner.checkpoint is not None and self.pruner.checkpoint.resuming:
+            self.resume()
+        else:
+            self.uniform_start()
         self.iterate()
         self.refresh()
         return self.result(self.ratios())
@@ -274,6 +317,7 @@ class MrpRun:
                 "non_outlier_ratios": [round(r, 5) for r in ratios],
             })
             t += 1
+            self._save_progress([unit.block])
         bar.close()
 
     def result(self, final_ratios: list[float]) -> tuple[Allocation, list[LayerRecord]]:

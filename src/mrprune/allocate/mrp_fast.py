@@ -59,18 +59,26 @@ class FastMrpRun:
             self.tau = thresholds([self._counts(u, dense, None) for u in self.units], opt.m)
             dense_curves = [unit_curve(u, dense, self.tau[u.index]) for u in self.units]
             dense_plan = equalize(dense_curves, self.target, self.s0, opt.smax)
-        curves = list(dense_curves)
+        curves = list(dense_curves)  # a fixed unit's curve only lends its size to the plan: dense is enough
         goal = round(self.target * sum(u.numel for u in self.units))
         done = 0
         fixed: dict[int, float] = {}
         drift_true = drift_dense = 0.0
         final_ratios = [0.0] * len(self.units)
-        acts = pruner.capture(self.input_ids)
+        start, _ = pruner.restore()  # after the dense pass: thresholds and dense curves come from dense weights
+        if start:
+            state = pruner.checkpoint.progress["state"]
+            done, drift_true, drift_dense = state["done"], state["drift_true"], state["drift_dense"]
+            fixed = {int(k): v for k, v in state["fixed"].items()}
+            final_ratios, self.trace = list(state["final_ratios"]), list(state["trace"])
+        if start >= self.adapter.num_blocks:
+            return self.result(final_ratios)
+        acts = pruner.resume(self.input_ids) if start else pruner.capture(self.input_ids)
         by_block: dict[int, list[Unit]] = {}
         for unit in self.units:
             by_block.setdefault(unit.block, []).append(unit)
-        for block in tqdm(range(self.adapter.num_blocks), desc=f"fast MRP ({pruner.metric.name})", unit="block",
-                          disable=not pruner.progress):
+        for block in tqdm(range(start, self.adapter.num_blocks), desc=f"fast MRP ({pruner.metric.name})",
+                          unit="block", disable=not pruner.progress):
             units = by_block[block]
             layers = self.adapter.linear_layers(block)
             pruner._block_on_device(block)
@@ -105,6 +113,9 @@ class FastMrpRun:
                     final_ratios[unit.index] = self._counts(unit, pruned_norms, self.tau[unit.index]).non_outlier_ratio
             finally:
                 pruner._release(block)
+            pruner.save_progress(acts, block, [], stage="mrp-fast", state={
+                "done": done, "fixed": fixed, "drift_true": drift_true, "drift_dense": drift_dense,
+                "final_ratios": final_ratios, "trace": self.trace})
         return self.result(final_ratios)
 
     def result(self, final_ratios: list[float]) -> tuple[Allocation, list[LayerRecord]]:

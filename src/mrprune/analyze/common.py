@@ -124,6 +124,9 @@ def load_job(model, tokenizer, config: PruneConfig, need_tokenizer: bool = True)
     """Load (or adopt) the model of an analysis and place it as the config's runtime options say."""
     from ..api import _load
 
+    if config.runtime.checkpoint_dir or config.runtime.resume:
+        raise ConfigError("runtime.checkpoint_dir and runtime.resume apply to 'mrprune prune' only; "
+                          "analyses are not resumable")
     model, tokenizer, source, _ = _load(model, tokenizer, config)
     if need_tokenizer and tokenizer is None:
         raise ConfigError("a tokenizer is needed for calibration and evaluation; pass tokenizer=...")

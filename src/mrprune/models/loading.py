@@ -164,27 +164,56 @@ def _check_safe_weights(directory: Path, allow_pickle: bool) -> None:
         )
 
 
-def load_model(
-    spec: str | None,
-    dtype: str = "auto",
-    device: str = "auto",
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-) -> LoadedModel:
-    """Load model and tokenizer on the CPU in the resolved dtype (blocks move to the device when needed)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class ModelSource:
+    """A model located and its config read, weights not loaded: enough to check a job before the heavy part."""
 
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    description: str  # what the user asked for (path, hub id, or "embedded default")
+    local_dir: Path | None  # directory the weights will be read from, if local (never written to)
+    hub_id: str | None
+    config: object  # the transformers config
+    cached_only: bool = False  # a hub id while offline: only the local HF cache may serve it
+
+    @property
+    def where(self) -> str:
+        return str(self.local_dir) if self.local_dir is not None else str(self.hub_id)
+
+    @property
+    def identity(self) -> str:
+        """The model's identity for a checkpoint fingerprint: its resolved directory, or its hub id."""
+        return str(self.local_dir.resolve()) if self.local_dir is not None else str(self.hub_id)
+
+
+def _custom_code_error(description: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{description} needs its own Python code (custom code named by auto_map in its config), which mrprune "
+        "does not run unless you pass --trust-remote-code; do so only if you trust its authors"
+    )
+
+
+def _needs_remote_code(exc: BaseException) -> bool:
+    return "trust_remote_code" in str(exc)
+
+
+def open_source(spec: str | None, trust_remote_code: bool = False, allow_pickle: bool = False) -> ModelSource:
+    """Resolve ``spec`` (converting a GGUF file once), check its weight format and read its config.
+
+    A config that names custom code (``auto_map``) is refused without ``trust_remote_code`` when transformers
+    has no built-in class for its model type; with one, the built-in class is used and the custom code ignored.
+    """
+    from transformers import AutoConfig
+
     description, local_dir, hub_id = resolve_model_dir(spec)
-    where = str(local_dir) if local_dir is not None else hub_id
     if local_dir is not None:
         _check_safe_weights(local_dir, allow_pickle)
     # offline, a hub id can still load from the local HF cache; never wait for network retries
     cached_only = hub_id is not None and not hub_reachable()
+    where = str(local_dir) if local_dir is not None else hub_id
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, local_files_only=cached_only)
     except (OSError, ValueError) as exc:
+        if _needs_remote_code(exc) and not trust_remote_code:
+            raise _custom_code_error(description) from None
         if cached_only:
             raise ModelLoadError(
                 f"'{hub_id}' is not a local path and the Hugging Face hub is unreachable (offline?); "
@@ -197,23 +226,72 @@ def load_model(
 
     if getattr(config, "is_encoder_decoder", False) or _is_encoder_family(config):
         raise ModelLoadError(f"{description} is a {config.model_type} model, not a decoder-only causal LM")
+    if getattr(config, "auto_map", None) and not trust_remote_code:
+        log.info("%s names custom code (auto_map); using transformers' built-in %s classes instead",
+                 description, config.model_type)
+    return ModelSource(description, local_dir, hub_id, config, cached_only)
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.where, trust_remote_code=trust_remote_code,
+                                             local_files_only=source.cached_only)
+    except (OSError, ValueError, TypeError) as exc:
+        if _needs_remote_code(exc) and not trust_remote_code:
+            raise _custom_code_error(f"the tokenizer of {source.description}") from None
+        raise ModelLoadError(f"cannot load the tokenizer of {source.description}: {_first_line(exc)}") from None
+
+
+def skeleton(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module | None:
+    """The model's modules on the meta device (no memory, no weights read), or None if it cannot be built so:
+    enough to check N:M divisibility and estimate memory and disk before loading."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(source.config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - any failure only means: check after loading instead
+        log.debug("no weightless skeleton of %s (%s); checks wait for the weights", source.description, exc)
+        return None
+    return model.eval()
+
+
+def load_weights(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool = False,
+                 allow_pickle: bool = False) -> torch.nn.Module:
+    """The model on the CPU in ``dtype`` (blocks move to the device when needed)."""
+    from transformers import AutoModelForCausalLM
+
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            where,
-            dtype=torch_dtype,
+            source.where,
+            dtype=dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True,
-            local_files_only=cached_only,
+            local_files_only=source.cached_only,
         )
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load model {description}: {_first_line(exc)}") from None
-    model.eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code,
-                                                  local_files_only=cached_only)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ModelLoadError(f"cannot load the tokenizer of {description}: {_first_line(exc)}") from None
-    return LoadedModel(model, tokenizer, description, local_dir)
+        if _needs_remote_code(exc) and not trust_remote_code:
+            raise _custom_code_error(source.description) from None
+        raise ModelLoadError(f"cannot load model {source.description}: {_first_line(exc)}") from None
+    return model.eval()
+
+
+def load_model(
+    spec: str | None,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> LoadedModel:
+    """Load model and tokenizer on the CPU in the resolved dtype (blocks move to the device when needed)."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    source = open_source(spec, trust_remote_code, allow_pickle)
+    model = load_weights(source, torch_dtype, trust_remote_code, allow_pickle)
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    return LoadedModel(model, tokenizer, source.description, source.local_dir)
 
 
 def installed_version(package: str) -> str | None:

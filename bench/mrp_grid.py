@@ -1,0 +1,132 @@
+"""Allocation grid on real models: allocator / MRP settings x target sparsity, one process per model, the same
+calibration windows for every run. Reports perplexity, wall time, MRP iterations and the redundancy spread.
+
+Tuning evaluates on held-out C4 text (the last 300 documents of the C4 sample, never used for calibration);
+final figures evaluate on WikiText-2 test. Example (tuning):
+
+    python bench/mrp_grid.py --model smollm2=DIR --sparsities 0.7 --eval heldout \
+        --run uniform --run owl --run mrp-fast --run "mrp step=0.05 gamma=0.95 min_step=0.01"
+
+A run is 'METHOD key=value ...'; keys are MrpConfig / OwlConfig / AlphaConfig fields of that method, or
+'granularity' / 'metric'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import C4, WIKITEXT, c4_split  # noqa: E402
+
+from mrprune import PruneConfig, prune  # noqa: E402
+from mrprune.config import merge  # noqa: E402
+from mrprune.data import load_eval_text, read_corpus, sample_calibration  # noqa: E402
+from mrprune.evaluate.perplexity import perplexity  # noqa: E402
+from mrprune.analyze.profile import dense_thresholds, non_outlier_ratios  # noqa: E402
+from mrprune.metrics import SparsityPattern, build_metric  # noqa: E402
+from mrprune.models import get_adapter, load_model, resolve_device  # noqa: E402
+from mrprune.redundancy import spread  # noqa: E402
+from mrprune.runner import SequentialPruner  # noqa: E402
+
+
+def sq_norms(adapter, ids, device) -> dict:
+    """Input sq_norm of every decoder linear layer of the model as it is now (one calibration pass)."""
+    pruner = SequentialPruner(adapter, build_metric("wanda"), SparsityPattern(), device, progress=False)
+    return {name: s.sq_norm for name, s in pruner.observe(ids).items()}
+
+SECTION = {"mrp": "mrp", "mrp-fast": "mrp", "owl": "owl", "alphapruning": "alpha"}
+
+
+def parse_run(spec: str) -> tuple[str, dict]:
+    """'mrp step=0.05 granularity=layer' -> ('mrp', {'allocation.mrp.step': 0.05, ...})."""
+    method, *pairs = spec.split()
+    options: dict = {}
+    for pair in pairs:
+        key, value = pair.split("=")
+        parsed = None if value == "None" else value if key in ("metric", "granularity") else float(value)
+        if isinstance(parsed, float) and parsed.is_integer() and key in ("checkpoint_stride",):
+            parsed = int(parsed)
+        if key == "granularity":
+            options["allocation.granularity"] = parsed
+        elif key == "metric":
+            options["metric"] = parsed
+        else:
+            options[f"allocation.{SECTION[method]}.{key}"] = parsed
+    return method, options
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", required=True, help="NAME=PATH (repeatable)")
+    parser.add_argument("--sparsities", default="0.7")
+    parser.add_argument("--run", action="append", required=True)
+    parser.add_argument("--metric", default="wanda")
+    parser.add_argument("--eval", choices=("heldout", "wikitext"), default="heldout")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--max-windows", type=int, default=16)
+    parser.add_argument("--eval-seqlen", type=int, default=2048)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--data", default=None, help="folder with the C4 parquet and WikiText file (default: "
+                        "../shared/data)")
+    parser.add_argument("--work", default="/tmp/mrprune-bench")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    c4, wikitext = (Path(args.data) / C4.name, Path(args.data) / WIKITEXT.name) if args.data else (C4, WIKITEXT)
+    if args.eval == "heldout":
+        calib_file, eval_file = c4_split(Path(args.work), c4)
+    else:
+        calib_file, eval_file = c4, wikitext
+    rows = []
+    for spec_model in args.model:
+        name, path = spec_model.split("=", 1)
+        loaded = load_model(path, dtype=args.dtype, device=args.device)
+        model, tok = loaded.model, loaded.tokenizer
+        adapter = get_adapter(model)
+        dense = {ref.name: ref.weight.detach().to("cpu", copy=True) for ref in adapter.all_linear_layers()}
+        ids = sample_calibration(read_corpus(str(calib_file), "calibration"), tok, args.nsamples, args.seqlen, 0)
+        device = resolve_device(args.device)
+        taus = dense_thresholds(adapter, sq_norms(adapter, ids, device), m=5.0)
+        corpus = load_eval_text(str(eval_file))
+        for sparsity in [float(s) for s in args.sparsities.split(",")]:
+            for spec in args.run:
+                method, options = parse_run(spec)
+                for ref in adapter.all_linear_layers():
+                    ref.set_weight(dense[ref.name])
+                config = merge(PruneConfig(), {"metric": args.metric, "sparsity": sparsity,
+                                               "allocation.method": method, "runtime.device": args.device,
+                                               "calibration.nsamples": args.nsamples,
+                                               "calibration.seqlen": args.seqlen, **options})
+                start = time.perf_counter()
+                outcome = prune(model, config, tokenizer=tok, progress=False, calibration_ids=ids)
+                seconds = time.perf_counter() - start
+                cv = spread(non_outlier_ratios(adapter, sq_norms(adapter, ids, device), taus))["cv"]
+                ppl = perplexity(model, tok, corpus, args.eval_seqlen, args.max_windows, device=device,
+                                 progress=False)
+                alloc = outcome.report.allocation
+                row = {"model": name, "sparsity": sparsity, "run": spec, "ppl": ppl.perplexity,
+                       "seconds": round(seconds, 2), "iterations": alloc.get("iterations"),
+                       "cv": cv,
+                       "blocks": [round(b, 4) for b in alloc["block_targets"]],
+                       "timings": outcome.report.timings_s, "protocol": ppl.protocol}
+                rows.append(row)
+                print(f"{name:<8} {sparsity:.2f} {spec:<55} ppl {ppl.perplexity:10.3f} {seconds:7.1f}s "
+                      f"it {row['iterations']} cv {row['cv']:.4f}", flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(rows, indent=2))
+        del model, adapter, dense
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    print(f"protocol: {rows[-1]['protocol']}; calibration {args.nsamples} x {args.seqlen} from {calib_file.name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Checkpoints and resume: an interrupted run continues from its last finished block and ends bit for bit where
+an uninterrupted run ends; a checkpoint is never overwritten or reused by a different run silently."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import transformers
+
+from mrprune import PruneConfig, prune
+from mrprune.allocate.mrp import MrpRun
+from mrprune.checkpoint import PROGRESS
+from mrprune.config import merge
+from mrprune.errors import CheckpointError, ConfigError
+from mrprune.runner import SequentialPruner
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and a shared machine makes them slow: one thread, then restore."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def job(model_dir, out=None, ckpt=None, **overrides):
+    base = {"model": str(model_dir), "calibration.source": "embedded", "calibration.nsamples": 4,
+            "calibration.seqlen": 32, "runtime.device": "cpu", "runtime.dtype": "float32"}
+    if out is not None:
+        base["output"] = str(out)
+    if ckpt is not None:
+        base["runtime.checkpoint_dir"] = str(ckpt)
+    return merge(PruneConfig(), {**base, **overrides})
+
+
+def weights_digest(out):
+    return hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+
+
+def interrupt_after(monkeypatch, owner, name, calls):
+    """Make ``owner.name`` raise KeyboardInterrupt right after its ``calls``-th call has finished."""
+    original = getattr(owner, name)
+    seen = {"n": 0}
+
+    def wrapper(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        seen["n"] += 1
+        if seen["n"] == calls:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+CASES = {
+    "uniform-wanda": ({}, SequentialPruner, "save_progress", 1),
+    "uniform-sparsegpt": ({"metric": "sparsegpt"}, SequentialPruner, "save_progress", 2),
+    "magnitude": ({"metric": "magnitude"}, SequentialPruner, "save_progress", 1),
+    "owl": ({"allocation.method": "owl"}, SequentialPruner, "save_progress", 1),
+    "alphapruning": ({"allocation.method": "alphapruning"}, SequentialPruner, "save_progress", 2),
+    "mrp-fast": ({"allocation.method": "mrp-fast"}, SequentialPruner, "save_progress", 1),
+    "mrp-start": ({"allocation.method": "mrp"}, SequentialPruner, "save_progress", 1),
+    "mrp-iterate": ({"allocation.method": "mrp"}, MrpRun, "_save_progress", 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_resume_after_interruption_matches_an_uninterrupted_run_bit_for_bit(tiny_dir, tmp_path, monkeypatch, case):
+    overrides, owner, method, calls = CASES[case]
+    model_dir = tiny_dir("llama")
+    reference = prune(config=job(model_dir, tmp_path / "ref", **overrides), progress=False)
+
+    ckpt = tmp_path / "ckpt"
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, owner, method, calls)
+        with pytest.raises(KeyboardInterrupt) as exc:
+            prune(config=job(model_dir, tmp_path / "out", ckpt, **overrides), progress=False)
+    assert exc.value.checkpoint_dir == str(ckpt.resolve())  # the CLI tells the user where to resume from
+    assert not (tmp_path / "out").exists() and (ckpt / PROGRESS).is_file()
+
+    resumed = prune(config=job(model_dir, tmp_path / "out", ckpt, **{"runtime.resume": True}, **overrides),
+                    progress=False)
+    assert weights_digest(tmp_path / "out") == weights_digest(tmp_path / "ref")
+    assert resumed.report.layers == reference.report.layers
+    assert resumed.report.allocation["block_targets"] == reference.report.allocation["block_targets"]
+    assert resumed.report.extra["resumed_from"] == str(ckpt.resolve())
+    assert [p.name for p in ckpt.iterdir() if p.name.startswith(".")] == []
+
+
+def test_finished_checkpoint_re_exports_without_pruning_and_can_be_removed(tiny_dir, tmp_path, monkeypatch):
+    model_dir = tiny_dir("llama")
+    ckpt = tmp_path / "ckpt"
+    prune(config=job(model_dir, tmp_path / "a", ckpt), progress=False)
+    assert (ckpt / PROGRESS).is_file()  # kept by default
+
+    def no_pruning(*args, **kwargs):
+        raise AssertionError("a finished checkpoint needs no pruning")
+
+    monkeypatch.setattr(SequentialPruner, "prune_block", no_pruning)
+    prune(config=job(model_dir, tmp_path / "b", ckpt, **{"runtime.resume": True, "runtime.remove_checkpoint": True}),
+          progress=False)
+    assert weights_digest(tmp_path / "a") == weights_digest(tmp_path / "b")
+    assert not ckpt.exists()
+
+
+def test_checkpoint_rules_are_one_line_errors_before_the_weights_load(tiny_dir, tmp_path, monkeypatch):
+    model_dir = tiny_dir("llama")
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        prune(config=job(model_dir, ckpt=ckpt, **{"runtime.resume": True}), progress=False)
+    with pytest.raises(ConfigError, match="--resume needs --checkpoint-dir"):
+        prune(config=job(model_dir, **{"runtime.resume": True}), progress=False)
+    prune(config=job(model_dir, ckpt=ckpt), progress=False)
+
+    import mrprune.api
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights must not load before the checkpoint is checked")
+
+    monkeypatch.setattr(mrprune.api, "load_weights", no_weights)
+    with pytest.raises(CheckpointError, match="pass --resume to continue it"):
+        prune(config=job(model_dir, ckpt=ckpt), progress=False)
+    mismatches = [
+        ({"sparsity": 0.6}, r"option sparsity \(null in the checkpoint, 0.6 now\)"),
+        ({"metric": "magnitude"}, "option metric"),
+        ({"calibration.nsamples": 5}, r"calibration windows \(4 x 32 tokens in the checkpoint, 5 x 32 tokens now\)"),
+        ({"calibration.seed": 1}, "calibration token ids"),
+        ({"runtime.dtype": "bfloat16"}, "device/dtype dtype"),
+        ({"runtime.batch_size": 2}, "option runtime.batch_size"),
+    ]
+    for overrides, message in mismatches:
+        with pytest.raises(CheckpointError, match=message):
+            prune(config=job(model_dir, ckpt=ckpt, **{"runtime.resume": True}, **overrides), progress=False)
+    other = tiny_dir("qwen2")
+    with pytest.raises(CheckpointError, match="different run: model source"):
+        prune(config=job(other, ckpt=ckpt, **{"runtime.resume": True}), progress=False)
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="not empty and holds no mrprune checkpoint"):
+        prune(config=job(model_dir, ckpt=foreign), progress=False)
+    with pytest.raises(ConfigError, match="must be separate directories"):
+        prune(config=job(model_dir, tmp_path / "o", tmp_path / "o" / "ck"), progress=False)
+
+
+def test_placement_options_do_not_block_a_resume(tiny_dir, tmp_path, monkeypatch):
+    """After an out-of-memory, a user resumes with --offload-activations: that changes no arithmetic."""
+    model_dir = tiny_dir("llama")
+    ckpt = tmp_path / "ckpt"
+    prune(config=job(model_dir, tmp_path / "ref"), progress=False)
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, SequentialPruner, "save_progress", 1)
+        with pytest.raises(KeyboardInterrupt):
+            prune(config=job(model_dir, ckpt=ckpt), progress=False)
+    prune(config=job(model_dir, tmp_path / "out", ckpt, **{"runtime.resume": True, "runtime.offload": True,
+                                                             "runtime.offload_activations": True}), progress=False)
+    assert weights_digest(tmp_path / "out") == weights_digest(tmp_path / "ref")
+
+
+# ------------------------------------------------------------------------------------ real signals, real CLI
+
+
+@pytest.fixture
+def deep_dir(tmp_path, tokenizer):
+    """A tiny Llama with many blocks: a CLI run of it lasts a few seconds, enough to interrupt it midway."""
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=48,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=384,
+                                      bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    path = tmp_path / "deep"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def cli_command(model_dir, out, ckpt, *extra):
+    return [sys.executable, "-m", "mrprune", "prune", "-q", "--model", str(model_dir), "--calib", "embedded",
+            "--nsamples", "8", "--seqlen", "64", "--metric", "sparsegpt", "--device", "cpu",
+            "--output", str(out), "--checkpoint-dir", str(ckpt), *extra]
+
+
+def next_block(ckpt):
+    try:
+        return json.loads((ckpt / PROGRESS).read_text())["next_block"]
+    except (OSError, ValueError):
+        return None
+
+
+def run_and_signal(command, ckpt, sig, after_block):
+    """Start ``command``; once the checkpoint has passed ``after_block``, send ``sig``; return the process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        block = next_block(ckpt)
+        if block is not None and block > after_block:
+            process.send_signal(sig)
+            break
+        time.sleep(0.005)
+    out, err = process.communicate(timeout=120)
+    return process.returncode, out, err, block
+
+
+def test_real_sigint_and_sigterm_leave_no_output_and_resume_gives_the_same_model(deep_dir, tmp_path):
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+
+    code, _, err, _ = run_and_signal(cli_command(deep_dir, out, ckpt), ckpt, signal.SIGINT, 0)
+    lines = [line for line in err.splitlines() if line.startswith("mrprune")]
+    assert code == 130, err
+    assert len(lines) == 1 and lines[0].startswith("mrprune: interrupted by SIGINT; no output was written")
+    assert f"progress is saved in {ckpt}" in lines[0] and "--resume" in lines[0] and "Traceback" not in err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in ckpt.iterdir() if p.name.startswith(".")] == []
+    stopped = next_block(ckpt)
+    assert 1 <= stopped < 48
+
+    code, _, err, _ = run_and_signal(cli_command(deep_dir, out, ckpt, "--resume"), ckpt, signal.SIGTERM, stopped)
+    lines = [line for line in err.splitlines() if line.startswith("mrprune")]
+    assert code == 143, err
+    assert len(lines) == 1 and lines[0].startswith("mrprune: interrupted by SIGTERM; no output was written")
+    assert not out.exists() and next_block(ckpt) > stopped
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cli_command(deep_dir, out, ckpt, "--resume"), env=env, capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    # the uninterrupted run, in this process (one thread, as the CLI runs had)
+    reference = tmp_path / "reference"
+    prune(config=job(deep_dir, reference, metric="sparsegpt", **{"calibration.nsamples": 8,
+                                                                 "calibration.seqlen": 64}), progress=False)
+    assert weights_digest(out) == weights_digest(reference)

@@ -1,0 +1,250 @@
+"""Failing early, clearly and cleanly: checks before the weights load, disk room, NaN/Inf, SparseGPT's recorded
+retries, determinism, safe loading and the CLI's interruption handling."""
+
+import hashlib
+import json
+import signal
+
+import pytest
+import torch
+import transformers
+
+import mrprune.api
+import mrprune.export
+from mrprune import PruneConfig, prune
+from mrprune.cli import interrupted_message, main
+from mrprune.config import merge
+from mrprune.errors import ConfigError, DataError, Interrupted, NumericsError, OutputError, PatternError, ResourceError
+from mrprune.preflight import gib
+from tests.conftest import tiny_model
+from tests.test_cli import assert_one_line_error, run_cli
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def job(model_dir, **overrides):
+    base = {"model": str(model_dir), "calibration.source": "embedded", "calibration.nsamples": 4,
+            "calibration.seqlen": 32, "runtime.device": "cpu"}
+    return merge(PruneConfig(), {**base, **overrides})
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail the test if the weights load: the error must come before."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights loaded before the bad input was found")
+
+    monkeypatch.setattr(mrprune.api, "load_weights", refuse)
+
+
+# ------------------------------------------------------------------------------------ 1. before the weights
+
+
+@pytest.mark.parametrize("overrides,error,fragment", [
+    ({"calibration.nsamples": 500, "calibration.seqlen": 512}, DataError, "too few for 500 x 512"),
+    ({"evaluate": True, "evaluation.text": "EMPTY"}, DataError, "is empty"),
+    ({"evaluate": True, "evaluation.text": "embedded", "evaluation.seqlen": 10**6}, DataError,
+     "fewer than one window of 1000000"),
+    ({"pattern": "3:7"}, PatternError, "needs in_features divisible by 7"),
+    ({"allocation.method": "file", "allocation.ratios": "RATIOS"}, ConfigError, "has 2 block ratios but the model has 3"),
+    ({"allocation.method": "mrp", "allocation.mrp.smax": 0.2}, ConfigError, "MRP s_max=0.2"),
+    ({"output": "INPUT"}, OutputError, "inside the input model"),
+])
+def test_bad_inputs_fail_before_the_weights_load(tiny_dir, tmp_path, no_weights, overrides, error, fragment):
+    model_dir = tiny_dir("llama")
+    (tmp_path / "empty.txt").write_text("   \n")
+    (tmp_path / "ratios.json").write_text("[0.5, 0.5]")
+    values = {k: {"EMPTY": str(tmp_path / "empty.txt"), "RATIOS": str(tmp_path / "ratios.json"),
+                  "INPUT": str(model_dir / "out")}.get(v, v) if isinstance(v, str) else v
+              for k, v in overrides.items()}
+    with pytest.raises(error, match=fragment):
+        prune(config=job(model_dir, **values), progress=False)
+
+
+def test_disk_room_for_the_export_is_checked_with_both_numbers(tiny_dir, tmp_path, monkeypatch, no_weights):
+    model_dir = tiny_dir("llama")
+    parameters = sum(p.numel() for p in tiny_model("llama").parameters())
+    real = mrprune.export.shutil.disk_usage
+
+    def full_disk(path):
+        usage = real(path)
+        return usage._replace(free=1000)
+
+    monkeypatch.setattr(mrprune.export.shutil, "disk_usage", full_disk)
+    with pytest.raises(ResourceError) as exc:
+        prune(config=job(model_dir, output=str(tmp_path / "out")), progress=False)
+    message = str(exc.value)
+    needed = gib(int(parameters * 4 * 1.1))
+    assert message.startswith(f"not enough free disk for the export at {tmp_path}: it needs about {needed} "
+                              f"({parameters:,} parameters x 4 bytes + 10%) but 0 MiB is free")
+    assert "\n" not in message
+
+
+# --------------------------------------------------------------------------------------------- 3. numerics
+
+
+def test_nan_weight_is_found_at_load(tokenizer):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[2].mlp.up_proj.weight[3, 5] = float("nan")
+    with pytest.raises(NumericsError, match=r"weight model.layers.2.mlp.up_proj.weight \(block 2\)"):
+        prune(model, job(None, model=None), tokenizer=tokenizer, progress=False)
+
+
+def test_float16_overflow_stops_with_the_block_named(tokenizer):
+    model = tiny_model("llama").to(torch.float16)
+    with torch.no_grad():
+        for proj in ("gate_proj", "up_proj"):
+            getattr(model.model.layers[1].mlp, proj).weight.mul_(3000)
+    with pytest.raises(NumericsError) as exc:
+        prune(model, job(None, model=None), tokenizer=tokenizer, progress=False)
+    message = str(exc.value)
+    assert "block 1" in message and "float16 overflows?" in message and "\n" not in message
+
+
+def test_non_finite_hessian_names_block_and_layer(tokenizer):
+    model = tiny_model("llama")
+    model.model.layers[1].mlp.act_fn.register_forward_hook(lambda m, args, out: out * float("inf"))
+    with pytest.raises(NumericsError, match="non-finite Hessian in block 1, layer model.layers.1.mlp.down_proj: "
+                                           "check the model's dtype"):
+        prune(model, job(None, model=None, metric="sparsegpt"), tokenizer=tokenizer, progress=False)
+
+
+def test_non_finite_activations_name_the_block(tokenizer):
+    model = tiny_model("llama")
+    model.model.layers[0].register_forward_hook(lambda m, args, out: (out[0] * float("nan"),) + tuple(out[1:])
+                                                if isinstance(out, tuple) else out * float("nan"))
+    with pytest.raises(NumericsError, match="non-finite activations after block 0"):
+        prune(model, job(None, model=None), tokenizer=tokenizer, progress=False)
+
+
+def test_sparsegpt_dampening_retry_is_in_the_report(tiny_dir, tmp_path):
+    """16 tokens for 64-wide inputs: a singular Hessian that the base dampening (0 -> 1e-8) cannot fix."""
+    out = tmp_path / "out"
+    outcome = prune(config=job(tiny_dir("llama"), metric="sparsegpt", output=str(out),
+                               **{"calibration.nsamples": 1, "calibration.seqlen": 16, "sparsegpt.percdamp": 0.0}),
+                    progress=False)
+    noted = {layer["name"]: layer["notes"] for layer in json.loads((out / "mrprune_report.json").read_text())["layers"]
+             if layer.get("notes")}
+    assert noted, "no retry recorded"
+    for notes in noted.values():  # one note per layer, even where layers share their Hessian
+        assert len(notes) == 1 and notes[0].startswith("dampening raised to")
+    assert "note       model.layers." in outcome.report.format_text()
+
+
+# ------------------------------------------------------------------------------------------ 5. determinism
+
+
+@pytest.mark.parametrize("metric", ["wanda", "sparsegpt"])
+def test_same_seed_and_inputs_give_identical_weight_files(tiny_dir, tmp_path, metric):
+    model_dir = tiny_dir("qwen2")
+    digests = []
+    for name in ("a", "b"):
+        prune(config=job(model_dir, metric=metric, output=str(tmp_path / name), sparsity=0.6), progress=False)
+        digests.append(hashlib.sha256((tmp_path / name / "model.safetensors").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+
+
+# ----------------------------------------------------------------------------------------- 6. safe loading
+
+
+def with_custom_code(model_dir, model_type):
+    config = json.loads((model_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig",
+                          "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    config["model_type"] = model_type
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / "modeling_evil.py").write_text("raise SystemExit('custom code ran')\n")
+    return model_dir
+
+
+def test_custom_code_is_refused_without_trust_remote_code(tiny_dir, capsys):
+    model_dir = with_custom_code(tiny_dir("llama"), "evil")
+    code, _, err = run_cli(capsys, "prune", "--model", model_dir, "--calib", "embedded", "--nsamples", 4,
+                           "--seqlen", 32)
+    assert_one_line_error(code, err, "needs its own Python code (custom code named by auto_map")
+    assert "--trust-remote-code" in err
+    code, _, err = run_cli(capsys, "info", model_dir)
+    assert_one_line_error(code, err, "does not run unless you pass --trust-remote-code")
+
+
+def test_built_in_class_is_used_and_remote_code_never_trusted(tiny_dir, monkeypatch):
+    model_dir = with_custom_code(tiny_dir("llama"), "llama")
+    seen = []
+    original = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    outcome = prune(config=job(model_dir), progress=False)
+    assert seen == [False] and type(outcome.model).__name__ == "LlamaForCausalLM"
+
+
+# ------------------------------------------------------------------------------------------ 4. the CLI side
+
+
+def test_interruption_messages_and_exit_codes():
+    message, code = interrupted_message(KeyboardInterrupt())
+    assert code == 130 and message == "mrprune: interrupted by SIGINT; no output was written"
+    exc = Interrupted(signal.SIGTERM, "SIGTERM")
+    exc.checkpoint_dir = "/tmp/ck"
+    message, code = interrupted_message(exc)
+    assert code == 143 and message.startswith("mrprune: interrupted by SIGTERM; no output was written; progress is "
+                                              "saved in /tmp/ck: rerun the same command with --resume")
+
+
+def test_sigterm_unwinds_through_main(monkeypatch, capsys):
+    import os
+
+    import mrprune.cli
+
+    def handler(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(mrprune.cli, "cmd_info", handler)
+    previous = signal.getsignal(signal.SIGTERM)
+    code = main(["info", "-q"])
+    assert code == 143 and "interrupted by SIGTERM" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == previous  # restored
+
+
+def test_new_flags(tiny_dir, capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "prune", "--no-preflight", "--checkpoint-dir", tmp_path / "ck", "--resume",
+                           "--remove-checkpoint", "--dump-config")
+    assert code == 0 and "preflight: false" in out and "resume: true" in out and "remove_checkpoint: true" in out
+    code, _, err = run_cli(capsys, "prune", "--resume", "--model", tiny_dir("llama"))
+    assert_one_line_error(code, err, "--resume needs --checkpoint-dir")
+    with pytest.raises(SystemExit):
+        main(["analyze", "lps", "--checkpoint-dir", str(tmp_path)])
+    assert "unrecognized arguments: --checkpoint-dir" in capsys.readouterr().err
+
+
+def test_sigterm_during_the_export_leaves_nothing_behind(tiny_dir, tmp_path, monkeypatch, capsys):
+    model_dir = tiny_dir("llama")
+
+    def terminated(self, *args, **kwargs):
+        raise Interrupted(signal.SIGTERM, "SIGTERM")
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "save_pretrained", terminated)
+    code, _, err = run_cli(capsys, "prune", "-q", "--model", model_dir, "--calib", "embedded", "--nsamples", 4,
+                           "--seqlen", 32, "--output", tmp_path / "out")
+    assert code == 143 and err.strip().splitlines()[-1] == "mrprune: interrupted by SIGTERM; no output was written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [model_dir.name]
+
+
+def test_analyses_refuse_checkpoint_options(tiny_dir):
+    from mrprune.analyze.common import load_job
+
+    config = job(tiny_dir("llama"), **{"runtime.checkpoint_dir": "ck"})
+    with pytest.raises(ConfigError, match="apply to 'mrprune prune' only"):
+        load_job(None, None, config)

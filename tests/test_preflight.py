@@ -1,0 +1,177 @@
+"""Memory preflight: the estimate is the right order of magnitude, and a run that cannot fit is refused in one
+line naming the numbers and the options that fix it (before the weights load)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers
+
+import mrprune.api
+import mrprune.preflight as pf
+from mrprune import PruneConfig, prune
+from mrprune.config import merge
+from mrprune.errors import ResourceError
+from mrprune.models import get_adapter
+from tests.conftest import tiny_model
+
+GIB = 2**30
+
+
+def job(model_dir, **overrides):
+    base = {"model": str(model_dir), "calibration.source": "embedded", "calibration.nsamples": 4,
+            "calibration.seqlen": 32, "runtime.device": "cpu"}
+    return merge(PruneConfig(), {**base, **overrides})
+
+
+def shape_of(family="llama"):
+    model = tiny_model(family)
+    return pf.ModelShape.from_model(model, get_adapter(model))
+
+
+def test_model_shape_of_a_weightless_skeleton_matches_the_loaded_model(tiny_dir):
+    from mrprune.models.loading import load_weights, open_source, skeleton
+
+    source = open_source(str(tiny_dir("llama")))
+    meta = skeleton(source, torch.bfloat16)
+    loaded = load_weights(source, torch.bfloat16)
+    assert next(meta.parameters()).device.type == "meta"
+    assert pf.ModelShape.from_model(meta, get_adapter(meta)) == pf.ModelShape.from_model(loaded, get_adapter(loaded))
+    shape = pf.ModelShape.from_model(meta, get_adapter(meta), torch.float32)
+    assert shape.dtype_size == 4 and shape.hidden == 64 and shape.num_blocks == 3
+    assert shape.hessian_inputs == [64, 64, 128]  # attention input, MLP input, down_proj input
+    assert shape.parameters == sum(p.numel() for p in loaded.parameters())
+
+
+def test_estimate_grows_with_the_options_that_should_grow_it():
+    shape = shape_of()
+    cuda = torch.device("cuda")  # a plan, not a placement: no GPU needed
+    base = pf.RunPlan(device=cuda, nsamples=128, seqlen=2048, batch_size=8)
+    est = pf.estimate(shape, base)
+    acts = 128 * 2048 * 64 * 4
+    assert est.pools["device"]["activations"] == acts
+    assert pf.estimate(shape, pf.RunPlan(device=cuda, nsamples=256, seqlen=2048, batch_size=8)).total("device") > \
+        est.total("device")
+    offloaded = pf.estimate(shape, pf.RunPlan(device=cuda, nsamples=128, seqlen=2048, batch_size=8, offload=True,
+                                              offload_activations=True))
+    assert offloaded.total("device") < est.total("device") and "activations" not in offloaded.pools["device"]
+    assert offloaded.pools["host"]["activations (capture: batches + concatenation)"] == 3 * acts
+    hessian = pf.estimate(shape, pf.RunPlan(device=cuda, nsamples=128, seqlen=2048, batch_size=8, hessian=True))
+    assert hessian.pools["device"]["statistics"] == 4 * (64 * 64 * 2 + 128 * 128)
+    mrp = pf.estimate(shape, pf.RunPlan(device=cuda, nsamples=128, seqlen=2048, batch_size=8, mrp_stride=1))
+    assert mrp.pools["device"]["MRP cached block inputs"] == (3 + 1) * acts
+    cpu = pf.estimate(shape, pf.RunPlan(device=torch.device("cpu"), nsamples=128, seqlen=2048, batch_size=8))
+    assert set(cpu.pools) == {"host"} and cpu.pools["host"]["activations"] == acts
+
+
+MEASURE = textwrap.dedent("""
+    import json, sys, torch
+    torch.set_num_threads(1)
+    import mrprune.preflight as pf
+    from mrprune import PruneConfig, prune
+    from mrprune.config import merge
+
+    def peak():  # VmHWM: the peak resident set since the last reset
+        return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024
+
+    def rss():
+        return int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]) * 1024
+
+    seen = {}
+    check = pf.check
+
+    def spy(est, free, plan):  # the preflight's moment: text sampled, weights not loaded; start measuring here
+        open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+        seen.update(est=est.total("host"), base=rss())
+        return check(est, free, plan)
+
+    pf.check = spy
+
+    def job(n, seqlen):
+        return merge(PruneConfig(), {"model": sys.argv[1], "metric": sys.argv[2], "calibration.source": "embedded",
+                                     "calibration.nsamples": n, "calibration.seqlen": seqlen,
+                                     "runtime.device": "cpu", "runtime.batch_size": 8})
+
+    # no warm-up run: its freed memory would be reused unseen by the measured run
+    prune(config=job(int(sys.argv[3]), int(sys.argv[4])), progress=False)
+    print(json.dumps({"estimate": seen["est"], "measured": peak() - seen["base"]}))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("metric,nsamples,seqlen", [("wanda", 64, 512), ("sparsegpt", 32, 512)])
+def test_estimate_is_the_measured_peak_to_within_a_factor_of_two(tmp_path, tokenizer, metric, nsamples, seqlen):
+    """A fresh process measures how far its resident memory rises above what it held at the preflight (text
+    sampled, weights not loaded): the number the preflight compares with the free memory. Activations, MLP
+    temporaries and (SparseGPT) the batched solve dominate (hidden 128, MLP 512)."""
+    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=384,
+                                      bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    path = tmp_path / "model"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    script = tmp_path / "measure.py"
+    script.write_text(MEASURE)
+    result = subprocess.run([sys.executable, str(script), str(path), metric, str(nsamples), str(seqlen)],
+                            capture_output=True, text=True, timeout=300, check=False,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    numbers = json.loads(result.stdout.strip().splitlines()[-1])
+    ratio = numbers["estimate"] / numbers["measured"]
+    assert 0.5 <= ratio <= 2.0, numbers
+
+
+# ------------------------------------------------------------------------------------------------ refusal
+
+
+def test_refusal_is_one_line_with_numbers_and_fixes(tiny_dir, monkeypatch):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights loaded before the preflight")
+
+    monkeypatch.setattr(mrprune.api, "load_weights", no_weights)
+    monkeypatch.setattr(pf, "host_available_bytes", lambda: 10 * 2**20)
+    with pytest.raises(ResourceError) as exc:
+        prune(config=job(tiny_dir("llama")), progress=False)
+    message = str(exc.value)
+    assert message.startswith("not enough memory on the host: this run needs about 65 MiB (libraries and "
+                              "buffers 64 MiB) but 10 MiB is free")  # parts under 1 MiB are not listed
+    assert "fewer --nsamples" in message and "a shorter --seqlen" in message and "--no-preflight" in message
+    assert "--offload" not in message  # offloading does not help a CPU run
+    assert "\n" not in message
+
+
+def test_device_refusal_suggests_offloading():
+    shape = shape_of()
+    plan = pf.RunPlan(device=torch.device("cuda:0"), nsamples=128, seqlen=2048, batch_size=8)
+    est = pf.estimate(shape, plan)
+    with pytest.raises(ResourceError) as exc:
+        pf.check(est, {"device": est.total("device") - 1, "host": None}, plan)
+    message = str(exc.value)
+    assert message.startswith("not enough memory on cuda:0") and "activations" in message
+    assert "try --offload, --offload-activations, fewer --nsamples, a shorter --seqlen" in message
+    plan = pf.RunPlan(device=torch.device("cuda:0"), nsamples=128, seqlen=2048, batch_size=8, offload=True,
+                      offload_activations=True)
+    est = pf.estimate(shape, plan)
+    with pytest.raises(ResourceError, match=r"try fewer --nsamples") as exc:
+        pf.check(est, {"device": 1, "host": None}, plan)
+    pf.check(est, {"device": est.total("device"), "host": est.total("host")}, plan)  # fits exactly: no error
+
+
+def test_no_preflight_runs_anyway(tiny_dir, monkeypatch):
+    monkeypatch.setattr(pf, "host_available_bytes", lambda: 1)
+    outcome = prune(config=job(tiny_dir("llama"), **{"runtime.preflight": False}), progress=False)
+    assert outcome.report.sparsity["target_met"]
+
+
+def test_free_memory_readers_degrade_gracefully(monkeypatch):
+    available = pf.host_available_bytes()
+    assert available is None or available > 0
+    assert pf.device_free_bytes(torch.device("cpu")) is None
+    monkeypatch.setattr(pf, "Path", lambda *a: (_ for _ in ()).throw(OSError("no /proc")))
+    fallback = pf.host_available_bytes()  # sysconf
+    assert fallback is None or fallback > 0

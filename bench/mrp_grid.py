@@ -35,12 +35,20 @@ from mrprune.redundancy import spread  # noqa: E402
 from mrprune.runner import SequentialPruner  # noqa: E402
 
 
-def sq_norms(adapter, ids, device) -> dict:
-    """Input sq_norm of every decoder linear layer of the model as it is now (one calibration pass)."""
+def sq_norms(adapter, ids, device, dense_weights=None) -> dict:
+    """Input sq_norm of every decoder linear layer of the model as it is now (one calibration pass); with
+    ``dense_weights``, each block's internal activations come from its dense weights (MRP's default)."""
     pruner = SequentialPruner(adapter, build_metric("wanda"), SparsityPattern(), device, progress=False)
-    return {name: s.sq_norm for name, s in pruner.observe(ids).items()}
+    return {name: s.sq_norm for name, s in pruner.observe(ids, dense_weights).items()}
 
 SECTION = {"mrp": "mrp", "mrp-fast": "mrp", "owl": "owl", "alphapruning": "alpha"}
+
+
+def _number_or_text(value: str):
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def parse_run(spec: str) -> tuple[str, dict]:
@@ -49,9 +57,7 @@ def parse_run(spec: str) -> tuple[str, dict]:
     options: dict = {}
     for pair in pairs:
         key, value = pair.split("=")
-        parsed = None if value == "None" else value if key in ("metric", "granularity") else float(value)
-        if isinstance(parsed, float) and parsed.is_integer() and key in ("checkpoint_stride",):
-            parsed = int(parsed)
+        parsed = None if value == "None" else int(value) if key == "checkpoint_stride" else _number_or_text(value)
         if key == "granularity":
             options["allocation.granularity"] = parsed
         elif key == "metric":
@@ -108,7 +114,7 @@ def main() -> None:
                 start = time.perf_counter()
                 outcome = prune(model, config, tokenizer=tok, progress=False, calibration_ids=ids)
                 seconds = time.perf_counter() - start
-                cv = spread(non_outlier_ratios(adapter, sq_norms(adapter, ids, device), taus))["cv"]
+                cv = spread(non_outlier_ratios(adapter, sq_norms(adapter, ids, device, dense), taus))["cv"]
                 ppl = perplexity(model, tok, corpus, args.eval_seqlen, args.max_windows, device=device,
                                  progress=False)
                 alloc = outcome.report.allocation

@@ -3,8 +3,8 @@
 The parent model calls each block with the hidden states plus context (masks, position embeddings, position
 ids, ...) that may differ per block: Gemma3 and Qwen2 pass sliding-window masks to some blocks and full masks
 to others. So the context of EVERY block is recorded once, by forward pre-hooks (all args and kwargs) during
-one dense forward of a single calibration window; calibration windows carry no padding, so that context holds
-for every window (batch dimension 1 broadcasts). The hidden states entering block 0 are captured for all
+one forward of a single calibration window with the blocks bypassed; calibration windows carry no padding, so
+that context holds for every window (batch dimension 1 broadcasts). The hidden states entering block 0 are captured for all
 windows by a pre-hook that stops the forward there.
 """
 
@@ -48,8 +48,17 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]
     return hidden, rest, kwargs
 
 
+def _pass_through(*args, **kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def record_block_calls(adapter: ModelAdapter, window: torch.Tensor) -> list[BlockCall]:
-    """Run one dense forward of ``window`` (1 x seqlen ids) and record each block's call context."""
+    """Record each block's call context during one forward of ``window`` (1 x seqlen ids).
+
+    The parent computes masks and position embeddings before its block loop, not from the blocks' outputs, so
+    the blocks are bypassed during this forward: it costs an embedding lookup, and offloaded blocks never
+    need to reach the device for it.
+    """
     calls: list[BlockCall | None] = [None] * adapter.num_blocks
 
     def recorder(index: int):
@@ -60,10 +69,14 @@ def record_block_calls(adapter: ModelAdapter, window: torch.Tensor) -> list[Bloc
         return hook
 
     handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(adapter.blocks)]
+    for block in adapter.blocks:
+        block.forward = _pass_through
     try:
         with torch.inference_mode():
             adapter.base_model(input_ids=window.to(adapter.input_device()), use_cache=False)
     finally:
+        for block in adapter.blocks:
+            del block.forward
         for handle in handles:
             handle.remove()
     missing = [i for i, call in enumerate(calls) if call is None]

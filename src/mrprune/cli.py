@@ -69,6 +69,9 @@ PRUNE_OPTIONS = [
     Option("--mrp-step", "allocation.mrp.step", "MRP first step (default 0.05)", type=float),
     Option("--mrp-min-step", "allocation.mrp.min_step", "MRP smallest step (default 0.005)", type=float),
     Option("--mrp-gamma", "allocation.mrp.gamma", "MRP step decay per iteration (default 0.95)", type=float),
+    Option("--mrp-activations", "allocation.mrp.activations", "activations inside a block for its outlier "
+           "ratio: from its dense weights (default, as Wanda collects statistics) or its current pruned weights",
+           choices=("dense-block", "pruned-block")),
     Option("--mrp-checkpoint-stride", "allocation.mrp.checkpoint_stride", "cache every k-th block's inputs to "
            "re-run MRP from the changed block (0: as memory allows)", type=int),
     Option("--calib", "calibration.source", "calibration text: a .txt/.jsonl/.parquet file, a hub dataset "

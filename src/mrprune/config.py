@@ -84,6 +84,7 @@ class MrpConfig:
     min_step: float = 0.005
     gamma: float = 0.95
     checkpoint_stride: int = 0
+    activations: str = "dense-block"
 
 
 @dataclass
@@ -145,6 +146,7 @@ class PruneConfig:
         _check_choice("metric", self.metric, METRICS)
         _check_choice("allocation.method", self.allocation.method, ALLOCATORS)
         _check_choice("allocation.granularity", self.allocation.granularity, ("block", "layer"))
+        _check_choice("allocation.mrp.activations", self.allocation.mrp.activations, ("dense-block", "pruned-block"))
         _check_choice("evaluation.bos", self.evaluation.bos, ("auto", "always", "never"))
         pattern = SparsityPattern.parse(self.pattern)
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:

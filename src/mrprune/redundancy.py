@@ -9,7 +9,6 @@ Pruned weights score 0 and are never outliers. Pure functions over tensors; orch
 from __future__ import annotations
 
 import copy
-import math
 import statistics
 from dataclasses import dataclass
 

@@ -7,6 +7,7 @@ Only the current block needs to be on the accelerator; with ``offload`` the othe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from .metrics.base import LayerStats, PruningMetric
 from .metrics.pattern import SparsityPattern
 from .models.adapter import LinearRef, ModelAdapter
 from .numerics import check_activations, check_pruned_weight, check_stats
-from .runtime import PhaseTimer, place_model, streamed_blocks
+from .runtime import PhaseTimer, place_model
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +91,9 @@ class SequentialPruner:
         return Activations(hidden, calls)
 
     def record_calls(self, input_ids: torch.Tensor) -> list[BlockCall]:
-        """Every block's call context (masks, positions), from one forward of the first window."""
-        with streamed_blocks(self.adapter.blocks, self.device, self.offload):
-            return record_block_calls(self.adapter, input_ids[:1])
+        """Every block's call context (masks, positions), from one forward of the first window (blocks
+        bypassed, so offloaded blocks stay where they are)."""
+        return record_block_calls(self.adapter, input_ids[:1])
 
     def resume(self, input_ids: torch.Tensor) -> Activations:
         """The saved activations entering the checkpoint's next block, with freshly recorded call contexts
@@ -145,14 +146,54 @@ class SequentialPruner:
         acts.index += 1
         return stats
 
-    def observe(self, input_ids: torch.Tensor) -> dict[str, LayerStats]:
-        """Input ``sq_norm`` of every decoder linear layer of the model as it is now, without pruning."""
+    @contextlib.contextmanager
+    def weights_of(self, index: int, weights: dict[str, torch.Tensor]):
+        """Temporarily give block ``index``'s linear layers the given weights (e.g. its dense ones)."""
+        layers = self.adapter.linear_layers(index)
+        current = [ref.weight.clone() for ref in layers]
+        for ref in layers:
+            ref.set_weight(weights[ref.name].to(ref.weight.device, non_blocking=True))
+        try:
+            yield
+        finally:
+            for ref, weight in zip(layers, current):
+                ref.set_weight(weight)
+
+    def block_statistics(self, acts: Activations, index: int, hessian: bool = False,
+                         dense_weights: dict[str, torch.Tensor] | None = None,
+                         phase: str = "statistics") -> dict[str, LayerStats]:
+        """Input statistics (``sq_norm``, optionally Hessians) of block ``index``'s layers over the activations
+        entering it, without advancing them. With ``dense_weights`` the block runs with those meanwhile: its
+        internal activations are then those of the dense block on the (pruned) upstream inputs."""
+        layers = self.adapter.linear_layers(index)
+
+        def collect() -> dict[str, LayerStats]:
+            with self.timer.phase(phase), StatsCollector(layers, True, hessian) as collector:
+                run_block(self.adapter.blocks[index], acts.calls[index].to(self.device), acts.hidden,
+                          self.batch_size, self.device, write_back=False)
+            stats = collector.result()
+            check_stats(stats, index, [ref.name for ref in layers])
+            return stats
+
+        if dense_weights is None:
+            return collect()
+        with self.weights_of(index, dense_weights):
+            return collect()
+
+    def observe(self, input_ids: torch.Tensor,
+                dense_weights: dict[str, torch.Tensor] | None = None) -> dict[str, LayerStats]:
+        """Input ``sq_norm`` of every decoder linear layer of the model as it is now, without pruning. With
+        ``dense_weights``, each block's internal activations come from its dense weights (see block_statistics)."""
         acts = self.capture(input_ids)
         stats: dict[str, LayerStats] = {}
         for index in tqdm(range(self.adapter.num_blocks), desc="statistics", unit="block", disable=not self.progress):
             self._block_on_device(index)
             try:
-                stats.update(self.advance(acts, observe=True, phase="dense statistics"))
+                if dense_weights is None:
+                    stats.update(self.advance(acts, observe=True, phase="dense statistics"))
+                else:
+                    stats.update(self.block_statistics(acts, index, dense_weights=dense_weights))
+                    self.advance(acts)
             finally:
                 self._release(index)
         return stats

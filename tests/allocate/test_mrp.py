@@ -59,7 +59,7 @@ def test_first_pick_is_the_block_without_outliers():
 def test_stops_exactly_at_target_respects_smax_and_masks_nest(metric, device):
     run = mrp_run(metric, target=0.6, s0=0.5, smax=0.64, device=device)
     adapter = run.adapter
-    run.tau = run.dense_thresholds()
+    run.prepare()
     run.uniform_start()
     start = weights_zero_mask(adapter)
     run.iterate()
@@ -74,15 +74,55 @@ def test_stops_exactly_at_target_respects_smax_and_masks_nest(metric, device):
     assert len(run.trace) >= 2 and run.trace[-1]["global_sparsity"] == pytest.approx(0.6, abs=1e-5)
 
 
-def test_incremental_statistics_equal_a_full_recomputation():
-    run = mrp_run(target=0.6, s0=0.45)
-    run.tau = run.dense_thresholds()
+def full_pass_statistics(run, dense_weights=None):
+    """Every layer's input sq_norm from one pass over the current model; with ``dense_weights`` each block's
+    internal activations come from its dense weights (inputs from the pruned blocks before it)."""
+    from mrprune.calibrate import StatsCollector, run_block
+
+    pruner, adapter = run.pruner, run.adapter
+    acts = pruner.capture(IDS)
+    stats = {}
+    for index, block in enumerate(adapter.blocks):
+        layers = adapter.linear_layers(index)
+        current = {ref.name: ref.weight.clone() for ref in layers}
+        if dense_weights is not None:
+            for ref in layers:
+                ref.set_weight(dense_weights[ref.name])
+        with StatsCollector(layers, True, False) as collector:
+            run_block(block, acts.calls[index], acts.hidden, 2, pruner.device, write_back=False)
+        stats.update({name: s.sq_norm for name, s in collector.result().items()})
+        for ref in layers:
+            ref.set_weight(current[ref.name])
+        pruner.advance(acts)
+    return stats
+
+
+@pytest.mark.parametrize("activations", ["dense-block", "pruned-block"])
+def test_incremental_statistics_equal_a_full_recomputation(activations):
+    dense_model = tiny_model("llama")
+    dense = {ref.name: ref.weight.clone() for ref in get_adapter(dense_model).all_linear_layers()}
+    run = mrp_run(target=0.6, s0=0.45, activations=activations)
+    run.prepare()
     run.uniform_start()
     run.iterate()
     run.refresh()
-    full = run.pruner.observe(IDS)
+    full = full_pass_statistics(run, dense if activations == "dense-block" else None)
     for name, sq_norm in run.sq_norm.items():
-        torch.testing.assert_close(sq_norm, full[name].sq_norm, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sq_norm, full[name], rtol=1e-5, atol=1e-6)
+
+
+def test_dense_block_outlier_ratio_rises_with_a_blocks_own_sparsity():
+    """The spec's rationale: pruning a block's low scores leaves relatively more outliers among its survivors."""
+    run = mrp_run(target=0.6, s0=0.3)
+    run.prepare()
+    run.uniform_start()
+    before = run.ratios()
+    unit = run.units[1]
+    run.prune_unit(unit, int(0.6 * unit.numel))
+    run.refresh()
+    after = run.ratios()
+    assert after[1] < before[1]  # non-outlier ratio fell: the block became less redundant
+    assert after[0] == before[0]  # blocks before it are untouched
 
 
 def test_checkpoint_stride_does_not_change_the_result():

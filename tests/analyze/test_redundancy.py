@@ -18,13 +18,14 @@ from tests.test_cli import assert_one_line_error, run_cli
 
 def mrp_ratios_by_hand(model, tokenizer, m=5.0, dense_model=None):
     """MRP's definition, written out with mrprune.redundancy: thresholds from the dense model's scores over all
-    weights of a block, outliers of the analysed model over its surviving weights."""
+    weights of a block, outliers of the analysed model over its surviving weights; with a dense model, the
+    activations inside each block come from its dense weights (MRP's default dense-block convention)."""
     ids = common.calibration_ids(fast_config(), tokenizer)
 
-    def norms(mdl):
+    def norms(mdl, dense_weights=None):
         runner = SequentialPruner(get_adapter(mdl), build_metric("wanda"), SparsityPattern(), torch.device("cpu"),
                                   progress=False)
-        return {name: s.sq_norm for name, s in runner.observe(ids).items()}, get_adapter(mdl)
+        return {name: s.sq_norm for name, s in runner.observe(ids, dense_weights).items()}, get_adapter(mdl)
 
     dense_norms, dense_adapter = norms(dense_model or model)
     block_counts = []
@@ -34,7 +35,10 @@ def mrp_ratios_by_hand(model, tokenizer, m=5.0, dense_model=None):
             total = total.add(layer_counts(ref.weight, dense_norms[ref.name]))
         block_counts.append(total)
     taus = thresholds(block_counts, m)
-    current, adapter = norms(model)
+    dense_weights = None
+    if dense_model is not None:
+        dense_weights = {ref.name: ref.weight.clone() for ref in dense_adapter.all_linear_layers()}
+    current, adapter = norms(model, dense_weights)
     ratios = []
     for b in range(adapter.num_blocks):
         layers = adapter.linear_layers(b)

@@ -23,11 +23,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..calibrate import StatsCollector, run_block
 from ..errors import ConfigError
 from ..metrics.base import LayerStats
 from ..models.adapter import LinearRef
-from ..numerics import check_stats
 from ..redundancy import UnitCounts, layer_counts, spread, thresholds
 from ..runner import Activations, LayerRecord, SequentialPruner
 from .base import Allocation, AllocationContext, IterativeAllocator
@@ -87,6 +85,32 @@ def layer_counts_for(unit: Unit, total: int) -> dict[str, int]:
     return counts
 
 
+def unit_counts(unit: Unit, sq_norms: dict[str, torch.Tensor], tau: float | None) -> UnitCounts:
+    """Score sum, size, survivors and (given ``tau``) outliers of a unit's current weights."""
+    total = UnitCounts()
+    for ref in unit.layers:
+        total = total.add(layer_counts(ref.weight, sq_norms[ref.name], tau))
+    return total
+
+
+def with_block(pruner: SequentialPruner, index: int, work):
+    """Run ``work()`` with block ``index`` on the device (it returns to the CPU afterwards if offloaded)."""
+    pruner._block_on_device(index)
+    try:
+        return work()
+    finally:
+        pruner._release(index)
+
+
+def per_unit_on_device(pruner: SequentialPruner, units: list[Unit], work) -> list:
+    """``work(unit)`` for every unit, visiting blocks in order so each block moves to the device once."""
+    results: dict[int, object] = {}
+    for block in sorted({u.block for u in units}):
+        mine = [u for u in units if u.block == block]
+        with_block(pruner, block, lambda: results.update({u.index: work(u) for u in mine}))
+    return [results[u.index] for u in units]
+
+
 def resolve_start(options, target: float | None) -> tuple[float, float]:
     """(target, s0) after checking MRP's options against the target."""
     target = 0.5 if target is None else target
@@ -130,28 +154,42 @@ class MrpRun:
         self.unit_of_block: dict[int, list[Unit]] = {}
         for unit in self.units:
             self.unit_of_block.setdefault(unit.block, []).append(unit)
+        self.block_of = {ref.name: ref.block for ref in ctx.adapter.all_linear_layers()}
         self.sq_norm: dict[str, torch.Tensor] = {}
         self.stale_from = 0
+        # "dense-block": a block's internal activations come from its dense weights (inputs from the pruned
+        # upstream blocks), as Wanda collects statistics; "pruned-block": from its current pruned weights
+        self.dense_block = options.activations == "dense-block"
+        self.dense_weights: dict[str, torch.Tensor] = {}
+        self.counts: dict[int, UnitCounts] = {}
         self.trace: list[dict] = []
 
     # ---------------------------------------------------------------------------------------- redundancy
-    def _unit_counts(self, unit: Unit, sq_norms: dict[str, torch.Tensor], tau: float | None) -> UnitCounts:
-        total = UnitCounts()
-        for ref in unit.layers:
-            total = total.add(layer_counts(ref.weight, sq_norms[ref.name], tau))
-        return total
-
     def dense_thresholds(self) -> list[float]:
-        dense = self.ctx.dense_stats()
-        norms = {name: stats.sq_norm for name, stats in dense.items()}
-        return thresholds([self._unit_counts(u, norms, None) for u in self.units], self.opt.m)
+        norms = {name: stats.sq_norm for name, stats in self.ctx.dense_stats().items()}
+        counts = per_unit_on_device(self.pruner, self.units, lambda u: unit_counts(u, norms, None))
+        return thresholds(counts, self.opt.m)
+
+    def _count(self, unit: Unit) -> UnitCounts:
+        """The unit's counts with the current statistics and weights (cached until either changes)."""
+        if unit.index not in self.counts:
+            self.counts[unit.index] = unit_counts(unit, self.sq_norm, self.tau[unit.index])
+        return self.counts[unit.index]
+
+    def _forget_counts(self, block: int) -> None:
+        for unit in self.unit_of_block[block]:
+            self.counts.pop(unit.index, None)
 
     def ratios(self) -> list[float]:
         """Current non-outlier ratio of every unit (statistics must be fresh)."""
-        return [self._unit_counts(u, self.sq_norm, self.tau[u.index]).non_outlier_ratio for u in self.units]
+        missing = [u for u in self.units if u.index not in self.counts]
+        per_unit_on_device(self.pruner, missing, self._count)
+        return [self._count(u).non_outlier_ratio for u in self.units]
 
     def _remember(self, stats: dict[str, LayerStats]) -> None:
         self.sq_norm.update({name: s.sq_norm for name, s in stats.items()})
+        for block in {self.block_of[name] for name in stats}:
+            self._forget_counts(block)
 
     # --------------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, block: int, hidden: torch.Tensor) -> None:
@@ -170,20 +208,36 @@ class MrpRun:
         return acts
 
     def _with_block(self, index: int, work):
-        self.pruner._block_on_device(index)
-        try:
-            return work()
-        finally:
-            self.pruner._release(index)
+        return with_block(self.pruner, index, work)
+
+    def _keep_dense_weights(self) -> None:
+        pin = self.pruner.device.type == "cuda"
+        for ref in self.adapter.all_linear_layers():
+            saved = ref.weight.detach().to("cpu", copy=True)
+            self.dense_weights[ref.name] = saved.pin_memory() if pin else saved
+
+    def _observe(self, acts: Activations, index: int, hessian: bool = False) -> dict[str, LayerStats]:
+        """Input statistics of block ``index``'s layers without advancing: with its dense weights in
+        dense-block mode, its current weights otherwise."""
+        dense = self.dense_weights if self.dense_block else None
+        return self.pruner.block_statistics(acts, index, hessian, dense, phase="mrp statistics")
 
     def refresh(self) -> None:
-        """Recompute the input statistics of every block from the first changed one onward."""
+        """Recompute the statistics of every block whose inputs (or, in pruned-block mode, weights) changed,
+        and the cached inputs of the blocks after the first changed one."""
         if self.stale_from >= self.adapter.num_blocks:
             return
-        acts = self._activations_at(self.stale_from)
+        changed = self.stale_from  # its weights changed; in dense-block mode its statistics did not
+        acts = self._activations_at(changed)
         while acts.index < self.adapter.num_blocks:
-            self._remember(self._with_block(acts.index, lambda: self.pruner.advance(acts, observe=True,
-                                                                                    phase="mrp statistics")))
+            index = acts.index
+            if self.dense_block:
+                if index > changed or not all(ref.name in self.sq_norm for ref in self.adapter.linear_layers(index)):
+                    self._remember(self._with_block(index, lambda: self._observe(acts, index)))
+                self._with_block(index, lambda: self.pruner.advance(acts))
+            else:
+                self._remember(self._with_block(index, lambda: self.pruner.advance(acts, observe=True,
+                                                                                   phase="mrp statistics")))
             self._save_checkpoint(acts.index, acts.hidden)
         self.stale_from = self.adapter.num_blocks
 
@@ -192,17 +246,8 @@ class MrpRun:
         metric = self.pruner.metric
         if metric.needs_hessian:
             acts = self._activations_at(unit.block)
-            block = self.adapter.blocks[unit.block]
-
-            def collect():
-                with self.pruner.timer.phase("statistics"), StatsCollector(unit.layers, False, True) as collector:
-                    run_block(block, acts.calls[unit.block].to(self.pruner.device), acts.hidden,
-                              self.pruner.batch_size, self.pruner.device, write_back=False)
-                stats = collector.result()
-                check_stats(stats, unit.block, [ref.name for ref in unit.layers])
-                return stats
-
-            return self._with_block(unit.block, collect)
+            stats = self._with_block(unit.block, lambda: self._observe(acts, unit.block, hessian=True))
+            return {ref.name: stats[ref.name] for ref in unit.layers}
         if metric.needs_sq_norm:
             return {ref.name: LayerStats(sq_norm=self.sq_norm[ref.name]) for ref in unit.layers}
         return {}
@@ -212,6 +257,7 @@ class MrpRun:
         stats = self._metric_stats(unit)
         targets = {ref.name: counts[ref.name] / ref.numel for ref in unit.layers}
         self._with_block(unit.block, lambda: self.pruner.prune_layers(unit.layers, targets, stats))
+        self._forget_counts(unit.block)
         self.stale_from = min(self.stale_from, unit.block)
 
     def _start_cache(self) -> Activations:
@@ -269,17 +315,32 @@ class MrpRun:
             layers = self.adapter.linear_layers(index)
 
             def step():
-                stats = pruner.collect_stats(acts, layers) if pruner.metric.needs_calibration else {}
+                # the block is still dense here: these statistics serve the metric and, in dense-block mode,
+                # redundancy
+                wanted = pruner.metric.needs_calibration or self.dense_block
+                stats = pruner.collect_stats(acts, layers, sq_norm=self.dense_block) if wanted else {}
+                if self.dense_block:
+                    self._remember(stats)
                 pruner.prune_layers(layers, targets, stats)
-                return pruner.advance(acts, observe=True, phase="mrp statistics")
+                if self.dense_block:
+                    pruner.advance(acts)
+                else:
+                    self._remember(pruner.advance(acts, observe=True, phase="mrp statistics"))
 
-            self._remember(self._with_block(index, step))
+            self._with_block(index, step)
             self._save_checkpoint(acts.index, acts.hidden)
             pruner.save_progress(acts, index, [], stage="mrp-start")
         self.stale_from = 0 if first else self.adapter.num_blocks
 
+    def prepare(self) -> None:
+        """What MRP needs of the dense model, taken before any weight changes (or a checkpoint's restore):
+        the outlier thresholds and, in dense-block mode, the dense weights."""
+        self.tau = self.dense_thresholds()
+        if self.dense_block:
+            self._keep_dense_weights()
+
     def run(self) -> tuple[Allocation, list[LayerRecord]]:
-        self.tau = self.dense_thresholds()  # from the dense weights, before a checkpoint's are restored
+        self.prepare()
         if self.pruner.checkpoint is not None and self.pruner.checkpoint.resuming:
             self.resume()
         else:
@@ -330,7 +391,7 @@ class MrpRun:
         allocation = Allocation.from_layers(
             "mrp", self.adapter, {r.name: r.sparsity for r in records}, self.target,
             granularity=self.ctx.granularity, s0=self.s0, m=o.m, smax=o.smax, step=o.step, min_step=o.min_step,
-            gamma=o.gamma, iterations=len(self.trace), checkpoint_stride=self.stride,
+            gamma=o.gamma, activations=o.activations, iterations=len(self.trace), checkpoint_stride=self.stride,
             thresholds=[float(t) for t in self.tau],
             final_non_outlier_ratios=[round(r, 6) for r in final_ratios],
             redundancy_spread=spread(final_ratios),

@@ -22,10 +22,10 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from ..redundancy import RedundancyCurve, UnitCounts, equalize, layer_counts, row_outlier_counts, spread, thresholds
+from ..redundancy import RedundancyCurve, equalize, row_outlier_counts, spread, thresholds
 from ..runner import LayerRecord, SequentialPruner
 from .base import Allocation, AllocationContext, IterativeAllocator
-from .mrp import Unit, build_units, layer_counts_for, resolve_start
+from .mrp import Unit, build_units, layer_counts_for, per_unit_on_device, resolve_start, unit_counts
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +46,16 @@ class FastMrpRun:
         self.units = build_units(ctx)
         self.trace: list[dict] = []
 
-    def _counts(self, unit: Unit, sq_norms: dict[str, torch.Tensor], tau: float | None) -> UnitCounts:
-        total = UnitCounts()
-        for ref in unit.layers:
-            total = total.add(layer_counts(ref.weight, sq_norms[ref.name], tau))
-        return total
-
     def run(self) -> tuple[Allocation, list[LayerRecord]]:
         pruner, opt = self.pruner, self.opt
         dense = {name: stats.sq_norm for name, stats in self.ctx.dense_stats().items()}
         with pruner.timer.phase("masks"):
-            self.tau = thresholds([self._counts(u, dense, None) for u in self.units], opt.m)
-            dense_curves = [unit_curve(u, dense, self.tau[u.index]) for u in self.units]
+            def dense_curve(unit: Unit) -> tuple[float, RedundancyCurve]:
+                tau = thresholds([unit_counts(unit, dense, None)], opt.m)[0]
+                return tau, unit_curve(unit, dense, tau)
+
+            taus, dense_curves = zip(*per_unit_on_device(pruner, self.units, dense_curve))
+            self.tau, dense_curves = list(taus), list(dense_curves)
             dense_plan = equalize(dense_curves, self.target, self.s0, opt.smax)
         curves = list(dense_curves)  # a fixed unit's curve only lends its size to the plan: dense is enough
         goal = round(self.target * sum(u.numel for u in self.units))
@@ -107,10 +105,14 @@ class FastMrpRun:
                                            "sparsity": round(fixed[unit.index], 6), "drift": round(scale, 4)})
                 pruner.prune_layers(layers, targets, stats)
                 del stats
-                after = pruner.advance(acts, observe=True)
-                pruned_norms = {name: s.sq_norm for name, s in after.items()}
+                if opt.activations == "dense-block":  # the statistics above are the dense block's already
+                    pruner.advance(acts)
+                    pruned_norms = current
+                else:
+                    after = pruner.advance(acts, observe=True)
+                    pruned_norms = {name: s.sq_norm for name, s in after.items()}
                 for unit in units:
-                    final_ratios[unit.index] = self._counts(unit, pruned_norms, self.tau[unit.index]).non_outlier_ratio
+                    final_ratios[unit.index] = unit_counts(unit, pruned_norms, self.tau[unit.index]).non_outlier_ratio
             finally:
                 pruner._release(block)
             pruner.save_progress(acts, block, [], stage="mrp-fast", state={
@@ -127,7 +129,7 @@ class FastMrpRun:
         o = self.opt
         allocation = Allocation.from_layers(
             "mrp-fast", self.adapter, {r.name: r.sparsity for r in records}, self.target,
-            granularity=self.ctx.granularity, s0=self.s0, m=o.m, smax=o.smax,
+            granularity=self.ctx.granularity, s0=self.s0, m=o.m, smax=o.smax, activations=o.activations,
             thresholds=[float(t) for t in self.tau],
             final_non_outlier_ratios=[round(r, 6) for r in final_ratios],
             redundancy_spread=spread(final_ratios),

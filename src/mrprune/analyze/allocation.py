@@ -63,7 +63,8 @@ class DenseReference:
     def ratios(self) -> list[float]:
         if self.taus is None or self.input_ids is None:
             raise RuntimeError("redundancy needs calibration data: build DenseReference with input_ids")
-        return non_outlier_ratios(self.job.adapter, self.job.observe(self.input_ids, self.progress), self.taus)
+        sq_norms = self.job.observe(self.input_ids, self.progress, dense_weights=self.weights)
+        return non_outlier_ratios(self.job.adapter, sq_norms, self.taus)
 
 
 @dataclass

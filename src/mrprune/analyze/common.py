@@ -114,9 +114,14 @@ class Job:
             return perplexity(self.model, self.tokenizer, corpus, e.seqlen, e.max_windows, e.bos, self.device,
                               progress)
 
-    def observe(self, input_ids: torch.Tensor, progress: bool = False) -> dict[str, torch.Tensor]:
-        """Input sq_norm of every decoder linear layer of the model as it is now (one calibration pass)."""
-        stats = self.pruner(progress=progress).observe(input_ids)
+    def observe(self, input_ids: torch.Tensor, progress: bool = False,
+                dense_weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Input sq_norm of every decoder linear layer of the model as it is now (one calibration pass); with
+        ``dense_weights`` and MRP's default dense-block convention, each block's internal activations come
+        from its dense weights, as MRP measures redundancy."""
+        if self.config.allocation.mrp.activations != "dense-block":
+            dense_weights = None
+        stats = self.pruner(progress=progress).observe(input_ids, dense_weights)
         return {name: s.sq_norm for name, s in stats.items()}
 
 

@@ -5,7 +5,9 @@ on the calibration data, with the activations of the model itself (so a pruned m
 counts); D_l = #{A > tau_l} / #surviving weights; R_l = 1 - D_l. Where tau_l comes from:
 
 * ``dense`` given (MRP's definition): tau_l = M x mean Wanda score over ALL weights of block l of the DENSE
-  model (its weights, its activations). The two models must have the same architecture.
+  model (its weights, its activations). The two models must have the same architecture. As in MRP's default
+  (``allocation.mrp.activations = dense-block``), the activations INSIDE each block then come from its dense
+  weights, fed by the analysed model's (pruned) upstream blocks.
 * otherwise: tau_l = M x mean Wanda score over the SURVIVING (non-zero) weights of block l of the analysed
   model itself. For a dense model this is MRP's definition; for a pruned model it is the only reference at
   hand, and the mean over survivors (not over all weights, which the zeros would drag down) keeps "outlier"
@@ -192,11 +194,13 @@ def redundancy_profile(
     taus = None
     dense_layout = None
     dense_source = None
+    dense_weights = None  # with a dense reference, blocks' internal activations come from its weights (MRP)
     if dense is not None:
         job = common.load_job(dense, dense_tokenizer, config)
         dense_source = job.source
         ids = common.calibration_ids(config, job.tokenizer)
         taus = dense_thresholds(job.adapter, job.observe(ids, progress), m)
+        dense_weights = common.snapshot(job.adapter.all_linear_layers(), "cpu")
         dense_layout = common.layout(job.adapter)
         dense_vocab = job.model.get_input_embeddings().weight.shape[0]
         del job
@@ -207,7 +211,7 @@ def redundancy_profile(
                                  job.model.get_input_embeddings().weight.shape[0])
     if ids is None:
         ids = common.calibration_ids(config, job.tokenizer)
-    sq_norms = job.observe(ids, progress)
+    sq_norms = job.observe(ids, progress, dense_weights=dense_weights)
     if taus is None:
         taus = surviving_thresholds(block_counts(job.adapter, sq_norms), m)
     counts = block_counts(job.adapter, sq_norms, taus)

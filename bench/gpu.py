@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--mrp-sparsity", type=float, default=0.7)
     parser.add_argument("--runs", default="floor,magnitude,wanda,sparsegpt,mrp-fast,mrp")
     parser.add_argument("--offload", default="no,yes", help="which of no,yes to run")
+    parser.add_argument("--offload-runs", default=None, help="runs repeated with --offload (default: --runs)")
     parser.add_argument("--offload-activations", action="store_true", help="with --offload, activations on CPU")
     parser.add_argument("--llmc", default="wanda,sparsegpt", help="llm-compressor methods ('' to skip)")
     parser.add_argument("--mrp-options", default="", help="e.g. 'step=0.1 gamma=0.9 min_step=0.02'")
@@ -182,8 +183,13 @@ def main() -> None:
     weights = Weights(adapter)
     ids = torch.randint(0, args.vocab, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
     rows = []
+    def save() -> None:
+        if args.json:  # after every row, so a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps({"env": environment(args), "rows": rows}, indent=2))
+
     for offload in [o == "yes" for o in args.offload.split(",") if o]:
-        for run in [r for r in args.runs.split(",") if r]:
+        runs = args.offload_runs if offload and args.offload_runs is not None else args.runs
+        for run in [r for r in runs.split(",") if r]:
             weights.restore(offload)
             if run == "floor":
                 result = measure(lambda: floor(adapter, ids, args, offload))
@@ -192,13 +198,21 @@ def main() -> None:
             rows.append({"run": run, "offload": offload, **result})
             print(f"{run} offload={offload}: {result['seconds']:.1f}s peak {result['peak_gib']:.2f} GiB "
                   f"{result.get('error') or ''}", flush=True)
+            save()
     for method in [m for m in args.llmc.split(",") if m]:
         weights.restore(False)
         result = measure(lambda: llmc_run(model, ids, args, method))
         rows.append({"run": f"llm-compressor {method}", "offload": False, **result})
         print(f"llm-compressor {method}: {result['seconds']:.1f}s peak {result['peak_gib']:.2f} GiB "
               f"{result.get('error') or ''}", flush=True)
+        save()
 
+    print(json.dumps(environment(args)))
+    print(table(rows))
+    save()
+
+
+def environment(args) -> dict:
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
            "shape": f"{args.layers} blocks, hidden {args.hidden}, mlp {args.mlp}, vocab {args.vocab}, bf16",
            "calibration": f"{args.nsamples} x {args.seqlen}", "batch_size": args.batch_size}
@@ -211,10 +225,7 @@ def main() -> None:
         env["llmcompressor"] = llmcompressor.__version__
     except ImportError:
         pass
-    print(json.dumps(env))
-    print(table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+    return env
 
 
 if __name__ == "__main__":

@@ -22,17 +22,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import C4, WIKITEXT, c4_split  # noqa: E402
+from common import C4, WIKITEXT, c4_split
 
-from mrprune import PruneConfig, prune  # noqa: E402
-from mrprune.config import merge  # noqa: E402
-from mrprune.data import load_eval_text, read_corpus, sample_calibration  # noqa: E402
-from mrprune.evaluate.perplexity import perplexity  # noqa: E402
-from mrprune.analyze.profile import dense_thresholds, non_outlier_ratios  # noqa: E402
-from mrprune.metrics import SparsityPattern, build_metric  # noqa: E402
-from mrprune.models import get_adapter, load_model, resolve_device  # noqa: E402
-from mrprune.redundancy import spread  # noqa: E402
-from mrprune.runner import SequentialPruner  # noqa: E402
+from mrprune import PruneConfig, prune
+from mrprune.analyze.profile import dense_thresholds, non_outlier_ratios
+from mrprune.config import merge
+from mrprune.data import load_eval_text, read_corpus, sample_calibration
+from mrprune.evaluate.perplexity import perplexity
+from mrprune.metrics import SparsityPattern, build_metric
+from mrprune.models import get_adapter, load_model, resolve_device
+from mrprune.redundancy import spread
+from mrprune.runner import SequentialPruner
 
 
 def sq_norms(adapter, ids, device, dense_weights=None) -> dict:
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--data", default=None, help="folder with the C4 parquet and WikiText file (default: "
                         "../shared/data)")
+    parser.add_argument("--dense", action="store_true", help="also evaluate each dense model")
     parser.add_argument("--work", default="/tmp/mrprune-bench")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -100,8 +101,14 @@ def main() -> None:
         dense = {ref.name: ref.weight.detach().to("cpu", copy=True) for ref in adapter.all_linear_layers()}
         ids = sample_calibration(read_corpus(str(calib_file), "calibration"), tok, args.nsamples, args.seqlen, 0)
         device = resolve_device(args.device)
-        taus = dense_thresholds(adapter, sq_norms(adapter, ids, device), m=5.0)
+        dense_norms = sq_norms(adapter, ids, device)
+        taus = {}  # outlier thresholds per M: the spread of a run is measured with its own M
         corpus = load_eval_text(str(eval_file))
+        if args.dense:
+            ppl = perplexity(model, tok, corpus, args.eval_seqlen, args.max_windows, device=device, progress=False)
+            rows.append({"model": name, "sparsity": 0.0, "run": "dense", "ppl": ppl.perplexity,
+                         "protocol": ppl.protocol})
+            print(f"{name:<8} 0.00 {'dense':<55} ppl {ppl.perplexity:10.3f}", flush=True)
         for sparsity in [float(s) for s in args.sparsities.split(",")]:
             for spec in args.run:
                 method, options = parse_run(spec)
@@ -111,16 +118,19 @@ def main() -> None:
                                                "allocation.method": method, "runtime.device": args.device,
                                                "calibration.nsamples": args.nsamples,
                                                "calibration.seqlen": args.seqlen, **options})
+                m = config.allocation.mrp.m
+                if m not in taus:  # while the weights are dense
+                    taus[m] = dense_thresholds(adapter, dense_norms, m=m)
                 start = time.perf_counter()
                 outcome = prune(model, config, tokenizer=tok, progress=False, calibration_ids=ids)
                 seconds = time.perf_counter() - start
-                cv = spread(non_outlier_ratios(adapter, sq_norms(adapter, ids, device, dense), taus))["cv"]
+                cv = spread(non_outlier_ratios(adapter, sq_norms(adapter, ids, device, dense), taus[m]))["cv"]
                 ppl = perplexity(model, tok, corpus, args.eval_seqlen, args.max_windows, device=device,
                                  progress=False)
                 alloc = outcome.report.allocation
                 row = {"model": name, "sparsity": sparsity, "run": spec, "ppl": ppl.perplexity,
                        "seconds": round(seconds, 2), "iterations": alloc.get("iterations"),
-                       "cv": cv,
+                       "cv": cv, "cv_m": m,
                        "blocks": [round(b, 4) for b in alloc["block_targets"]],
                        "timings": outcome.report.timings_s, "protocol": ppl.protocol}
                 rows.append(row)

@@ -100,6 +100,13 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def need_files(folder: Path, *names: str) -> None:
+    """Skip when a machine's copy of the shared data lacks a file the test reads."""
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        pytest.skip(f"{folder} lacks {', '.join(missing)}")
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded default model, converted from its GGUF once (cached across runs)."""

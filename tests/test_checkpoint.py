@@ -182,8 +182,26 @@ def deep_dir(tmp_path, tokenizer):
     return path
 
 
-def cli_command(model_dir, out, ckpt, *extra):
-    return [sys.executable, "-m", "mrprune", "prune", "-q", "--model", str(model_dir), "--calib", "embedded",
+#: the CLI, holding after each saved block while the file $HOLD exists (at most 60 s), so the signal lands
+#: midway however fast or loaded the machine is
+SLOW_CLI = """
+import os, sys, time
+from mrprune import checkpoint as c
+commit = c.Checkpoint.commit
+def held_commit(self, *args, **kwargs):
+    commit(self, *args, **kwargs)
+    start = time.monotonic()
+    while os.path.exists(os.environ["HOLD"]) and time.monotonic() - start < 60:
+        time.sleep(0.01)
+c.Checkpoint.commit = held_commit
+from mrprune.cli import main
+sys.exit(main())
+"""
+
+
+def cli_command(model_dir, out, ckpt, *extra, slow=True):
+    launcher = ["-c", SLOW_CLI] if slow else ["-m", "mrprune"]
+    return [sys.executable, *launcher, "prune", "-q", "--model", str(model_dir), "--calib", "embedded",
             "--nsamples", "8", "--seqlen", "64", "--metric", "sparsegpt", "--device", "cpu",
             "--output", str(out), "--checkpoint-dir", str(ckpt), *extra]
 
@@ -197,15 +215,19 @@ def next_block(ckpt):
 
 def run_and_signal(command, ckpt, sig, after_block):
     """Start ``command``; once the checkpoint has passed ``after_block``, send ``sig``; return the process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    hold = ckpt.parent / "hold"
+    hold.touch()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HOLD": str(hold)}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
+    block = None
     while time.monotonic() < deadline and process.poll() is None:
         block = next_block(ckpt)
         if block is not None and block > after_block:
             process.send_signal(sig)
             break
         time.sleep(0.005)
+    hold.unlink()
     out, err = process.communicate(timeout=120)
     return process.returncode, out, err, block
 
@@ -230,7 +252,7 @@ def test_real_sigint_and_sigterm_leave_no_output_and_resume_gives_the_same_model
     assert not out.exists() and next_block(ckpt) > stopped
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(cli_command(deep_dir, out, ckpt, "--resume"), env=env, capture_output=True, text=True,
+    done = subprocess.run(cli_command(deep_dir, out, ckpt, "--resume", slow=False), env=env, capture_output=True, text=True,
                           check=False)
     assert done.returncode == 0, done.stderr
     # the uninterrupted run, in this process (one thread, as the CLI runs had)

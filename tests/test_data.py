@@ -4,6 +4,7 @@ import pytest
 
 from mrprune.data import (Corpus, embedded_text, load_eval_text, read_corpus, sample_calibration)
 from mrprune.errors import DataError
+from tests.conftest import need_files
 
 
 def test_embedded_calibration_and_evaluation_text_do_not_overlap():
@@ -74,5 +75,6 @@ def test_missing_source_and_offline_hub_dataset_are_clear_errors(monkeypatch):
 
 
 def test_eval_text_joins_documents(shared_data):
+    need_files(shared_data, "rte_validation.parquet")
     corpus = load_eval_text(str(shared_data / "rte_validation.parquet"), column="sentence1")
     assert corpus.text.count("\n\n") == 276

@@ -26,7 +26,9 @@ def test_wanda_on_smollm2_exports_exact_half_sparsity_and_identical_logits(smoll
     assert adapter.num_blocks == 30
     for ref in adapter.all_linear_layers():
         assert int((ref.weight == 0).sum()) * 2 == ref.numel, ref.name
-    ids = outcome.tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    device = next(outcome.model.parameters()).device  # the accelerator, where there is one
+    reloaded.to(device)
+    ids = outcome.tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids.to(device)
     with torch.inference_mode():
         assert torch.equal(reloaded(ids).logits, outcome.model(ids).logits)
     # the pruned model still predicts text better than chance

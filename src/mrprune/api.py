@@ -197,7 +197,8 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
         if config.evaluate:
             e = config.evaluation
             eval_corpus = load_eval_text(e.text)
-            eval_windows(tokenizer, eval_corpus.text, e.seqlen, e.max_windows, e.bos)  # too short: fail now
+            eval_windows(tokenizer, eval_corpus.text, e.seqlen, e.max_windows, e.bos,  # too short: fail now
+                         getattr(getattr(target.model, "config", None), "model_type", None))
 
     # 3. what the model's shape decides: pattern, allocation, output and checkpoint room, memory
     shaped = target.model

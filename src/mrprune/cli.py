@@ -60,7 +60,7 @@ PRUNE_OPTIONS = [
            type=float),
     Option("--alpha-eps", "allocation.alpha.eps", "AlphaPruning spread, ratios in target x [1-eps, 1+eps] "
            "(default 0.3)", type=float),
-    Option("--mrp-m", "allocation.mrp.m", "MRP outlier threshold, multiple of the dense block mean (default 5)",
+    Option("--mrp-m", "allocation.mrp.m", "MRP outlier threshold, multiple of the dense block mean (default 10)",
            type=float),
     Option("--mrp-s0", "allocation.mrp.s0", "MRP uniform start sparsity (default: target - --mrp-s0-gap)",
            type=float),

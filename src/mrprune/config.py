@@ -76,7 +76,7 @@ class AlphaConfig:
 class MrpConfig:
     """Maximum Redundancy Pruning; ``s0`` None means ``target - s0_gap``. Defaults: see docs/mrp.md."""
 
-    m: float = 5.0
+    m: float = 10.0
     s0: float | None = None
     s0_gap: float = 0.1
     smax: float = 0.95

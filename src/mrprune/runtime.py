@@ -105,3 +105,36 @@ def streamed_blocks(blocks: nn.ModuleList, device: torch.device, offload: bool):
         for handle in handles:
             handle.remove()
         blocks.to(home)
+
+
+@contextlib.contextmanager
+def placement_kept(*models):
+    """Put every parameter and buffer of in-memory ``models`` back on its own device afterwards: an analysis
+    that runs on the accelerator must leave a caller's model where it found it (non-modules are ignored)."""
+    saved = [(module, {k: p.device for k, p in module._parameters.items() if p is not None},
+              {k: b.device for k, b in module._buffers.items() if b is not None})
+             for model in models if isinstance(model, nn.Module) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, params, buffers in saved:
+            for key, device in params.items():
+                param = module._parameters.get(key)
+                if param is not None and param.device != device:
+                    param.data = param.data.to(device)
+            for key, device in buffers.items():
+                buf = module._buffers.get(key)
+                if buf is not None and buf.device != device:
+                    module._buffers[key] = buf.to(device)
+
+
+def keeps_placement(fn):
+    """Decorator form of :func:`placement_kept` for analysis entry points taking ``model`` (and ``dense``)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(model=None, *args, **kwargs):
+        with placement_kept(model, kwargs.get("dense")):
+            return fn(model, *args, **kwargs)
+
+    return wrapper

@@ -7,6 +7,7 @@ import transformers
 from mrprune import prune
 from mrprune.analyze import common, redundancy_profile
 from mrprune.analyze.profile import SELF_RULE, surviving_thresholds
+from mrprune.config import MrpConfig
 from mrprune.errors import ConfigError
 from mrprune.metrics import SparsityPattern, build_metric
 from mrprune.models import get_adapter
@@ -16,7 +17,7 @@ from tests.analyze.helpers import FAST_ARGS, PNG_MAGIC, fast_config
 from tests.test_cli import assert_one_line_error, run_cli
 
 
-def mrp_ratios_by_hand(model, tokenizer, m=5.0, dense_model=None):
+def mrp_ratios_by_hand(model, tokenizer, m=MrpConfig.m, dense_model=None):
     """MRP's definition, written out with mrprune.redundancy: thresholds from the dense model's scores over all
     weights of a block, outliers of the analysed model over its surviving weights; with a dense model, the
     activations inside each block come from its dense weights (MRP's default dense-block convention)."""
@@ -52,7 +53,7 @@ def test_dense_model_with_itself_as_dense_is_mrps_definition(tiny_dir, tokenizer
     model_dir = tiny_dir("llama")
     out = tmp_path / "red"
     code, stdout, _ = run_cli(capsys, "analyze", "redundancy", model_dir, "--dense", model_dir, *FAST_ARGS,
-                              "--output", out)
+                              "--device", "cpu", "--output", out)  # compared with a CPU computation to 1e-12
     assert code == 0 and "coefficient of variation" in stdout
     data = json.loads((out / "redundancy.json").read_text())
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)

@@ -31,3 +31,12 @@ def test_perplexity_is_exp_of_mean_window_nll(tokenizer):
     assert result.windows == 3
     assert math.isclose(result.perplexity, math.exp(sum(losses) / 3), rel_tol=1e-5)
     assert "3 non-overlapping windows of 48 tokens" in result.protocol
+
+
+def test_auto_bos_for_an_architecture_that_needs_it_even_if_its_tokenizer_adds_none(tokenizer):
+    text = "one two three four five six seven eight nine ten " * 40
+    assert tokenizer.bos_token_id is not None and not tokenizer_adds_bos(tokenizer)
+    windows, bos = eval_windows(tokenizer, text, 64, 2, "auto", "gemma3_text")
+    assert bos and bool((windows[:, 0] == tokenizer.bos_token_id).all())
+    assert not eval_windows(tokenizer, text, 64, 2, "auto", "llama")[1]
+    assert not eval_windows(tokenizer, text, 64, 2, "never", "gemma3_text")[1]

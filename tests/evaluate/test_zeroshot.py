@@ -13,6 +13,7 @@ import yaml
 from mrprune.errors import EvalError
 from mrprune.evaluate import zeroshot as zs
 from mrprune.hub import hub_reachable
+from tests.conftest import need_files
 from tests.test_cli import assert_one_line_error, run_cli, tiny_prune_args
 
 HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
@@ -115,6 +116,7 @@ def test_rte_config_is_lm_evals_rte_on_the_local_parquet(shared_data):
 
 
 def test_hellaswag_converter_on_the_real_file(shared_data):
+    need_files(shared_data, "hellaswag_val_full.txt.bz2")
     items = zs.read_hellaswag_text(shared_data / "hellaswag_val_full.txt.bz2")
     assert len(items) == 10042
     assert all(set(i) == {"ind", "activity_label", "ctx_a", "ctx_b", "ctx", "endings", "label"} for i in items)
@@ -178,6 +180,7 @@ def test_hellaswag_prompts_are_lm_evals(shared_data, tmp_path):
 
 
 def test_hub_task_offline_is_a_one_line_error_before_loading(monkeypatch, shared_data, tmp_path, capsys):
+    need_files(shared_data, "rte_validation.parquet", "hellaswag_val_full.txt.bz2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub_reachable.cache_clear()
     with pytest.raises(EvalError, match="task boolq needs the Hugging Face hub, which is unreachable.*rte, hellaswag"):

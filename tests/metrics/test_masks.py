@@ -75,3 +75,14 @@ def test_pattern_parsing():
     for bad in ("4:2", "0:4", "2-4", "dense"):
         with pytest.raises(ConfigError):
             SparsityPattern.parse(bad)
+
+
+def test_n_of_m_keeps_a_group_that_already_has_more_zeros():
+    """A dequantised checkpoint can hold groups with more than N zero weights: they stay zero, the rest get N."""
+    scores = torch.rand(2, 8)
+    forced = torch.zeros(2, 8, dtype=torch.bool)
+    forced[0, :3] = True  # three zeros in the first group of row 0
+    mask = lowest_n_of_m(scores, SparsityPattern(2, 4), forced)
+    assert mask[0, :3].all() and not mask[0, 3]
+    per_group = mask.view(2, 2, 4).sum(-1)
+    assert per_group.tolist() == [[3, 2], [2, 2]]

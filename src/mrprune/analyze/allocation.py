@@ -24,6 +24,7 @@ from ..api import PruneOutcome, prune
 from ..config import PruneConfig, merge
 from ..errors import ConfigError
 from ..redundancy import spread
+from ..runtime import keeps_placement
 from . import common, plots
 from .profile import dense_thresholds, non_outlier_ratios
 
@@ -187,6 +188,7 @@ def summarize(name: str, outcome: PruneOutcome, ratios: list[float], seconds: fl
                             report.sparsity, ratios, spread(ratios), details, perplexity, round(seconds, 3))
 
 
+@keeps_placement
 def allocation_analysis(
     model=None,
     config: PruneConfig | None = None,

@@ -20,6 +20,7 @@ from ..config import PruneConfig
 from ..evaluate import zeroshot as zs
 from ..metrics import METRICS
 from ..redundancy import spread
+from ..runtime import keeps_placement
 from . import common, plots
 from .allocation import DEFAULT_ALLOCATIONS, DenseReference, cell_configs
 
@@ -150,6 +151,7 @@ def _scores(result: zs.ZeroShotResult) -> dict[str, Any]:
             for name, row in result.to_dict()["tasks"].items()}
 
 
+@keeps_placement
 def compare(
     model=None,
     config: PruneConfig | None = None,

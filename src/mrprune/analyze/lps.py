@@ -33,6 +33,7 @@ from ..metrics import METRICS, build_metric
 from ..metrics.base import LayerStats
 from ..metrics.pattern import SparsityPattern
 from ..runner import Activations, SequentialPruner
+from ..runtime import keeps_placement
 from . import common, plots
 
 log = logging.getLogger(__name__)
@@ -276,6 +277,7 @@ def sweep(job: common.Job, metrics: Sequence[str], sparsity: float, pattern: Spa
     return values, achieved
 
 
+@keeps_placement
 def layerwise_sensitivity(
     model=None,
     config: PruneConfig | None = None,

@@ -30,6 +30,7 @@ from ..config import PruneConfig
 from ..errors import ConfigError
 from ..models.adapter import ModelAdapter
 from ..redundancy import UnitCounts, layer_counts, spread, thresholds
+from ..runtime import keeps_placement
 from . import common, plots
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ def _short(source: str) -> str:
 # ------------------------------------------------------------------------------------------- orchestration
 
 
+@keeps_placement
 def redundancy_profile(
     model=None,
     config: PruneConfig | None = None,

@@ -46,9 +46,20 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def eval_windows(tokenizer, text: str, seqlen: int, max_windows: int | None, bos: str) -> tuple[torch.Tensor, bool]:
+#: model types whose quality collapses without a BOS token at the start of the context, whatever the tokenizer
+#: of a given checkpoint says (a Gemma GGUF converted by some transformers versions does not add it)
+NEEDS_BOS = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
+
+
+def wants_bos(tokenizer, model_type: str | None = None) -> bool:
+    """'auto': BOS per window when the tokenizer adds one or the architecture needs one."""
+    return tokenizer_adds_bos(tokenizer) or (model_type in NEEDS_BOS and tokenizer.bos_token_id is not None)
+
+
+def eval_windows(tokenizer, text: str, seqlen: int, max_windows: int | None, bos: str,
+                 model_type: str | None = None) -> tuple[torch.Tensor, bool]:
     """(windows x seqlen) token ids and whether each window starts with BOS."""
-    per_window_bos = bos == "always" or (bos == "auto" and tokenizer_adds_bos(tokenizer))
+    per_window_bos = bos == "always" or (bos == "auto" and wants_bos(tokenizer, model_type))
     if per_window_bos and getattr(tokenizer, "bos_token_id", None) is None:
         raise DataError("BOS per window was asked for but the tokenizer has no BOS token")
     ids = torch.tensor(tokenizer(text, add_special_tokens=not per_window_bos).input_ids, dtype=torch.long)
@@ -84,6 +95,7 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of ``model`` (already placed for running on ``device``) on ``corpus.text``."""
     device = device or next(model.parameters()).device
-    windows, per_window_bos = eval_windows(tokenizer, corpus.text or "", seqlen, max_windows, bos)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    windows, per_window_bos = eval_windows(tokenizer, corpus.text or "", seqlen, max_windows, bos, model_type)
     nlls = [window_nll(model, w, device) for w in tqdm(windows, desc="perplexity", unit="window", disable=not progress)]
     return PerplexityResult(math.exp(sum(nlls) / len(nlls)), corpus.name, len(nlls), seqlen, per_window_bos)

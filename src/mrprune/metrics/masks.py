@@ -79,18 +79,20 @@ def lowest_per_row(scores: torch.Tensor, count: int, forced: torch.Tensor | None
 
 
 def lowest_n_of_m(scores: torch.Tensor, pattern: SparsityPattern, forced: torch.Tensor | None = None) -> torch.Tensor:
-    """Prune the N lowest scores in every group of M consecutive input weights of each row."""
+    """Prune the N lowest scores in every group of M consecutive input weights of each row.
+
+    Forced weights (already zero) are taken first; a group that already has more than N of them keeps them all
+    (a dequantised checkpoint can hold such groups), so it ends with more than N zeros, never fewer."""
     rows, cols = scores.shape
     if cols % pattern.m:
         raise PatternError(f"pattern {pattern} needs in_features divisible by {pattern.m}, got {cols}")
     scores = _with_forced(scores, forced)
     groups = scores.reshape(rows, cols // pattern.m, pattern.m)
-    if forced is not None and int(forced.reshape_as(groups).sum(-1).max()) > pattern.n:
-        raise PatternError(f"an earlier mask prunes more than {pattern.n} of {pattern.m} weights in a group")
     idx = torch.topk(groups, pattern.n, dim=-1, largest=False, sorted=False).indices
     mask = torch.zeros_like(groups, dtype=torch.bool)
     mask.scatter_(-1, idx, True)
-    return mask.view(rows, cols)
+    mask = mask.view(rows, cols)
+    return mask if forced is None else mask | forced
 
 
 def select_mask(

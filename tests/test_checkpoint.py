@@ -183,9 +183,11 @@ def deep_dir(tmp_path, tokenizer):
 
 
 #: the CLI, holding after each saved block while the file $HOLD exists (at most 60 s), so the signal lands
-#: midway however fast or loaded the machine is
+#: midway however fast or loaded the machine is; SIGINT handled as in a terminal (a shell's background job
+#: inherits it ignored)
 SLOW_CLI = """
-import os, sys, time
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under a background pytest
 from mrprune import checkpoint as c
 commit = c.Checkpoint.commit
 def held_commit(self, *args, **kwargs):

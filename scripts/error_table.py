@@ -71,9 +71,10 @@ def run(args: list[str], cwd: Path, patch: str | None = None, signal_after: tupl
 def make_models(root: Path) -> dict[str, Path]:
     import torch
     import transformers
-    from preflight_check import tokenizer
 
-    tok = tokenizer(384)
+    from mrprune.testing import train_tokenizer
+
+    tok = train_tokenizer(384)
 
     def save(name, config, edit=None):
         torch.manual_seed(0)

@@ -18,29 +18,13 @@ from pathlib import Path
 import torch
 
 
-def tokenizer(vocab: int = 4096):
-    """A byte-level BPE tokenizer trained on the embedded text (no download)."""
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from mrprune.data import embedded_text
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([embedded_text("calibration")], trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                                eos_token="</s>")
-
-
 def main() -> None:
     import transformers
 
     import mrprune.preflight as pf
     from mrprune import PruneConfig, prune
     from mrprune.config import merge
+    from mrprune.testing import train_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=2048)
@@ -63,7 +47,7 @@ def main() -> None:
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32
                                                   ).save_pretrained(folder)
-    tokenizer().save_pretrained(folder)
+    train_tokenizer().save_pretrained(folder)
 
     seen: dict = {}
     check = pf.check

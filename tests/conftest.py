@@ -9,6 +9,8 @@ import pytest
 import torch
 import transformers
 
+from mrprune.testing import train_tokenizer
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 #: tests that take the ``device`` fixture run on every device present (the CPU, and CUDA where available)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -61,18 +63,16 @@ def tiny_model(family: str, seed: int = 0):
 @pytest.fixture(scope="session")
 def tokenizer():
     """A byte-level BPE tokenizer trained on CPython's embedded docs: real text, no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    return train_tokenizer(VOCAB)
 
-    from mrprune.data import embedded_text
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([embedded_text("calibration")], trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                                eos_token="</s>")
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and a shared machine makes them slow: one thread, then restore."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -20,14 +20,7 @@ from mrprune.config import merge
 from mrprune.errors import CheckpointError, ConfigError
 from mrprune.runner import SequentialPruner
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and a shared machine makes them slow: one thread, then restore."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def job(model_dir, out=None, ckpt=None, **overrides):

@@ -19,13 +19,7 @@ from mrprune.preflight import gib
 from tests.conftest import tiny_model
 from tests.test_cli import assert_one_line_error, run_cli
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def job(model_dir, **overrides):

@@ -63,17 +63,25 @@ def move_tree(obj, device: torch.device):
     return obj
 
 
+def move_own_tensors(module: nn.Module, device: torch.device | dict[str, torch.device]) -> None:
+    """Move ``module``'s own parameters and buffers (not its children's) to ``device``, or each named one to
+    ``device[name]``; parameters stay the same objects (optimisers and hooks keep them)."""
+    for store, is_param in ((module._parameters, True), (module._buffers, False)):
+        for key, tensor in store.items():
+            target = device.get(key) if isinstance(device, dict) else device
+            if tensor is None or target is None or tensor.device == target:
+                continue
+            if is_param:
+                tensor.data = tensor.data.to(target)
+            else:
+                store[key] = tensor.to(target)
+
+
 def move_outside(model: nn.Module, prefix: str, device: torch.device) -> None:
     """Move all parameters and buffers of ``model`` except those under module ``prefix`` (the block list)."""
     for name, module in model.named_modules():
-        if name == prefix or name.startswith(prefix + "."):
-            continue
-        for key, param in module._parameters.items():
-            if param is not None and param.device != device:
-                param.data = param.data.to(device)
-        for key, buf in module._buffers.items():
-            if buf is not None and buf.device != device:
-                module._buffers[key] = buf.to(device)
+        if name != prefix and not name.startswith(prefix + "."):
+            move_own_tensors(module, device)
 
 
 def place_model(model: nn.Module, blocks_prefix: str, device: torch.device, offload: bool) -> None:
@@ -111,21 +119,14 @@ def streamed_blocks(blocks: nn.ModuleList, device: torch.device, offload: bool):
 def placement_kept(*models):
     """Put every parameter and buffer of in-memory ``models`` back on its own device afterwards: an analysis
     that runs on the accelerator must leave a caller's model where it found it (non-modules are ignored)."""
-    saved = [(module, {k: p.device for k, p in module._parameters.items() if p is not None},
-              {k: b.device for k, b in module._buffers.items() if b is not None})
+    saved = [(module, {key: t.device for key, t in [*module._parameters.items(), *module._buffers.items()]
+                       if t is not None})
              for model in models if isinstance(model, nn.Module) for module in model.modules()]
     try:
         yield
     finally:
-        for module, params, buffers in saved:
-            for key, device in params.items():
-                param = module._parameters.get(key)
-                if param is not None and param.device != device:
-                    param.data = param.data.to(device)
-            for key, device in buffers.items():
-                buf = module._buffers.get(key)
-                if buf is not None and buf.device != device:
-                    module._buffers[key] = buf.to(device)
+        for module, devices in saved:
+            move_own_tensors(module, devices)
 
 
 def keeps_placement(fn):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -37,3 +39,50 @@ def gemma_gguf() -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         assemble(target)
     return target
+
+
+class PeakMemory:
+    """Peak memory of the code inside ``with``: GPU bytes allocated by torch on CUDA, else the process's
+    resident set sampled every 20 ms (ru_maxrss never goes down, so it cannot separate runs in one process)."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = torch.device(device).type == "cuda"
+        self.peak_bytes = 0
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak_bytes = max(self.peak_bytes, self._rss())
+
+    def __enter__(self) -> PeakMemory:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak_bytes = self._rss()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self.peak_bytes, self._rss())
+
+    @property
+    def gib(self) -> float:
+        return round(self.peak_bytes / 2**30, 3)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import C4, WIKITEXT, c4_split
+from common import C4, WIKITEXT, PeakMemory, c4_split
 
 from mrprune import PruneConfig, prune
 from mrprune.analyze.profile import dense_thresholds, non_outlier_ratios
@@ -84,8 +84,11 @@ def main() -> None:
                         "../shared/data)")
     parser.add_argument("--dense", action="store_true", help="also evaluate each dense model")
     parser.add_argument("--work", default="/tmp/mrprune-bench")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     c4, wikitext = (Path(args.data) / C4.name, Path(args.data) / WIKITEXT.name) if args.data else (C4, WIKITEXT)
     if args.eval == "heldout":
@@ -121,21 +124,22 @@ def main() -> None:
                 m = config.allocation.mrp.m
                 if m not in taus:  # while the weights are dense
                     taus[m] = dense_thresholds(adapter, dense_norms, m=m)
-                start = time.perf_counter()
-                outcome = prune(model, config, tokenizer=tok, progress=False, calibration_ids=ids)
-                seconds = time.perf_counter() - start
+                with PeakMemory(device) as memory:
+                    start = time.perf_counter()
+                    outcome = prune(model, config, tokenizer=tok, progress=False, calibration_ids=ids)
+                    seconds = time.perf_counter() - start
                 cv = spread(non_outlier_ratios(adapter, sq_norms(adapter, ids, device, dense), taus[m]))["cv"]
                 ppl = perplexity(model, tok, corpus, args.eval_seqlen, args.max_windows, device=device,
                                  progress=False)
                 alloc = outcome.report.allocation
                 row = {"model": name, "sparsity": sparsity, "run": spec, "ppl": ppl.perplexity,
-                       "seconds": round(seconds, 2), "iterations": alloc.get("iterations"),
+                       "seconds": round(seconds, 2), "peak_gib": memory.gib, "iterations": alloc.get("iterations"),
                        "cv": cv, "cv_m": m,
                        "blocks": [round(b, 4) for b in alloc["block_targets"]],
                        "timings": outcome.report.timings_s, "protocol": ppl.protocol}
                 rows.append(row)
                 print(f"{name:<8} {sparsity:.2f} {spec:<55} ppl {ppl.perplexity:10.3f} {seconds:7.1f}s "
-                      f"it {row['iterations']} cv {row['cv']:.4f}", flush=True)
+                      f"{memory.gib:6.2f} GiB it {row['iterations']} cv {row['cv']:.4f}", flush=True)
                 if args.json:
                     Path(args.json).write_text(json.dumps(rows, indent=2))
         del model, adapter, dense

@@ -91,17 +91,30 @@ class _FirstBlockReached(Exception):
 
 def capture_block_inputs(
     adapter: ModelAdapter, input_ids: torch.Tensor, batch_size: int, store: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """Hidden states entering block 0 for every window: (n, seqlen, hidden) on ``store``."""
-    captured: list[torch.Tensor] = []
+) -> tuple[torch.Tensor, bool]:
+    """(hidden states entering block 0 for every window, (n, seqlen, hidden) on ``store``; whether all are finite).
+
+    Host storage for a CUDA run is pinned and filled with asynchronous copies, and finiteness is checked on the
+    device micro-batch by micro-batch: a host-side scan of gigabytes of activations would cost seconds.
+    """
+    device = adapter.input_device()
+    pinned = store.type == "cpu" and device.type == "cuda"
+    hidden: torch.Tensor | None = None
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    position = 0
 
     def hook(module, args, kwargs):
-        hidden, _, _ = _split_hidden(args, kwargs)
-        captured.append(hidden.detach().to(store, dtype))
+        nonlocal hidden, finite, position
+        x, _, _ = _split_hidden(args, kwargs)
+        x = x.detach()
+        if hidden is None:
+            hidden = torch.empty((input_ids.shape[0], *x.shape[1:]), dtype=dtype, device=store, pin_memory=pinned)
+        finite = finite & torch.isfinite(x).all().to(device)
+        hidden[position : position + x.shape[0]].copy_(x, non_blocking=pinned)
+        position += x.shape[0]
         raise _FirstBlockReached
 
     handle = adapter.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    device = adapter.input_device()
     try:
         with torch.inference_mode():
             for start in range(0, input_ids.shape[0], batch_size):
@@ -111,7 +124,7 @@ def capture_block_inputs(
                     pass
     finally:
         handle.remove()
-    return torch.cat(captured) if len(captured) > 1 else captured[0]
+    return hidden, bool(finite)  # reading the flag waits for the device, so every copy has landed
 
 
 def run_block(
@@ -121,8 +134,15 @@ def run_block(
     batch_size: int,
     device: torch.device,
     write_back: bool,
-) -> None:
-    """Run ``block`` over ``hidden`` in micro-batches; with ``write_back`` replace ``hidden`` by the outputs."""
+) -> bool:
+    """Run ``block`` over ``hidden`` in micro-batches; with ``write_back`` replace ``hidden`` by the outputs and
+    return whether they are all finite (checked on ``device``; without ``write_back`` always True).
+
+    Outputs go back to pinned host activations asynchronously, in stream order with the next micro-batch, so
+    the host never waits on a transfer; reading the finiteness flag at the end waits for the last one.
+    """
+    asynchronous = write_back and device.type == "cuda" and hidden.device.type == "cpu" and hidden.is_pinned()
+    finite = torch.ones((), dtype=torch.bool, device=device)
     with torch.inference_mode():
         for start in range(0, hidden.shape[0], batch_size):
             chunk = hidden[start : start + batch_size].to(device, non_blocking=True)
@@ -130,7 +150,9 @@ def run_block(
             if isinstance(out, tuple):
                 out = out[0]
             if write_back:
-                hidden[start : start + batch_size].copy_(out)
+                finite &= torch.isfinite(out).all()
+                hidden[start : start + batch_size].copy_(out, non_blocking=asynchronous)
+        return bool(finite)
 
 
 #: half-precision GEMM with float32 output (CUDA): exact products of bf16/fp16 inputs, float32 accumulation

@@ -37,9 +37,10 @@ def check_weights(model: nn.Module, blocks_name: str | None = None) -> None:
             )
 
 
-def check_activations(hidden: torch.Tensor, where: str) -> None:
-    """Cached calibration activations are finite; ``where`` says which, e.g. 'after block 3'."""
-    if not is_finite(hidden):
+def require_finite_activations(finite: bool, where: str) -> None:
+    """Cached calibration activations were found finite (where they were computed); ``where`` says which, e.g.
+    'after block 3'."""
+    if not finite:
         raise NumericsError(f"non-finite activations {where}: {HINT}")
 
 

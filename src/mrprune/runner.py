@@ -19,7 +19,7 @@ from .checkpoint import Checkpoint
 from .metrics.base import LayerStats, PruningMetric
 from .metrics.pattern import SparsityPattern
 from .models.adapter import LinearRef, ModelAdapter
-from .numerics import check_activations, check_pruned_weight, check_stats
+from .numerics import check_pruned_weight, check_stats, require_finite_activations
 from .runtime import PhaseTimer, place_model
 
 log = logging.getLogger(__name__)
@@ -84,10 +84,8 @@ class SequentialPruner:
         """Record every block's call context and the hidden states entering block 0."""
         with self.timer.phase("capture"):
             calls = self.record_calls(input_ids)
-            hidden = capture_block_inputs(self.adapter, input_ids, self.batch_size, self.store, self.dtype)
-            if self.store.type == "cpu" and self.device.type == "cuda":
-                hidden = hidden.pin_memory()
-        check_activations(hidden, "entering block 0 (the embeddings' output)")
+            hidden, finite = capture_block_inputs(self.adapter, input_ids, self.batch_size, self.store, self.dtype)
+        require_finite_activations(finite, "entering block 0 (the embeddings' output)")
         return Activations(hidden, calls)
 
     def record_calls(self, input_ids: torch.Tensor) -> list[BlockCall]:
@@ -137,10 +135,10 @@ class SequentialPruner:
         with self.timer.phase(phase):
             if observe:
                 with StatsCollector(self.adapter.linear_layers(index), sq_norm=True, hessian=False) as collector:
-                    run_block(block, call, acts.hidden, self.batch_size, self.device, write_back=True)
+                    finite = run_block(block, call, acts.hidden, self.batch_size, self.device, write_back=True)
             else:
-                run_block(block, call, acts.hidden, self.batch_size, self.device, write_back=True)
-            check_activations(acts.hidden, f"after block {index}")
+                finite = run_block(block, call, acts.hidden, self.batch_size, self.device, write_back=True)
+            require_finite_activations(finite, f"after block {index}")
             stats = collector.result() if observe else {}
             check_stats(stats, index)
         acts.index += 1

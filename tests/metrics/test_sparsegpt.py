@@ -69,3 +69,41 @@ def test_forced_weights_stay_zero():
 def test_block_counts_sum_exactly():
     counts = _block_counts(101, [40, 40, 23], [0, 5, 0])
     assert sum(counts) == 101 and counts[1] >= 5
+
+
+def column_by_column(W1, Hinv1, mask1):
+    """The reference recurrence of one column block, one column at a time."""
+    W1 = W1.clone()
+    errors = torch.zeros_like(W1)
+    for i in range(W1.shape[1]):
+        err = W1[:, i].masked_fill(~mask1[:, i], 0.0) / Hinv1[i, i]
+        W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+        errors[:, i] = err
+    return W1.masked_fill(mask1, 0.0), errors
+
+
+@pytest.mark.parametrize("leaf", [1, 5, 16, 40])
+def test_leaf_blocked_solve_matches_the_column_recurrence(leaf, device, monkeypatch):
+    from mrprune.metrics import sparsegpt as module
+
+    monkeypatch.setattr(module, "SOLVE_ELEMENTS", 7 * 16 * 16)  # several row chunks as well
+    x = correlated_inputs(dim=40, seed=3).double()
+    hinv, _ = module.inverse_hessian_factor(x.t() @ x, 0.01)
+    W1 = torch.randn(24, 40, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    mask1 = torch.rand(24, 40, generator=torch.Generator().manual_seed(9)) < 0.6
+    expected = column_by_column(W1, hinv, mask1)
+    got = module._block_fixed_mask(W1.to(device), hinv.to(device), mask1.to(device), leaf=leaf)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g.cpu(), e, rtol=1e-9, atol=1e-9)
+
+
+def test_layers_sharing_statistics_share_one_inverse_and_match_separate_runs():
+    x = correlated_inputs(dim=32, seed=4)
+    weights = [torch.randn(16, 32, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    shared = LayerStats(tokens=x.shape[0], hessian=x.t() @ x)
+    metric = SparseGPT(blocksize=8)
+    together = [metric.prune(w, shared, 0.5, SparsityPattern()).weight for w in weights]
+    assert len(shared.derived) == 1
+    for w, got in zip(weights, together):
+        alone = metric.prune(w, LayerStats(tokens=x.shape[0], hessian=x.t() @ x), 0.5, SparsityPattern()).weight
+        torch.testing.assert_close(got, alone, rtol=0, atol=0)

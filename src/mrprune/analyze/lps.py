@@ -32,6 +32,7 @@ from ..errors import ConfigError
 from ..metrics import METRICS, build_metric
 from ..metrics.base import LayerStats
 from ..metrics.pattern import SparsityPattern
+from ..numerics import require_finite_activations
 from ..runner import Activations, SequentialPruner
 from ..runtime import keeps_placement
 from . import common, plots
@@ -222,11 +223,12 @@ def _dense_block_pass(pruner: SequentialPruner, acts: Activations, sq_norm: bool
     with pruner.timer.phase("dense statistics"):
         if sq_norm or hessian:
             with StatsCollector(layers, sq_norm, hessian) as collector:
-                run_block(block, call, acts.hidden, pruner.batch_size, pruner.device, write_back=True)
+                finite = run_block(block, call, acts.hidden, pruner.batch_size, pruner.device, write_back=True)
             stats = collector.result()
         else:
-            run_block(block, call, acts.hidden, pruner.batch_size, pruner.device, write_back=True)
+            finite = run_block(block, call, acts.hidden, pruner.batch_size, pruner.device, write_back=True)
             stats = {}
+        require_finite_activations(finite, f"after block {index}")
     acts.index += 1
     return stats
 

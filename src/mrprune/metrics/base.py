@@ -23,6 +23,8 @@ class LayerStats:
     sq_norm: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
     notes: list[str] = field(default_factory=list)
+    #: what a metric derives from these statistics once for every layer sharing them (SparseGPT's H^-1)
+    derived: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass

@@ -9,6 +9,7 @@ layer's count, so the layer hits its target to the weight.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -56,28 +57,45 @@ def _block_counts(total: int, free_per_block: list[int], forced_per_block: list[
     return [f + s for f, s in zip(forced_per_block, shares)]
 
 
+@dataclass
+class InverseHessian:
+    """What SparseGPT derives from a Hessian alone; layers fed the same input (q/k/v, gate/up) share it."""
+
+    upper: torch.Tensor  #: upper Cholesky factor of (H + damp I)^-1, dead inputs given diagonal 1
+    dead: torch.Tensor  #: inputs that were zero for every calibration token
+    damp: float  #: dampening fraction that made H positive definite
+
+
+def invert_hessian(hessian: torch.Tensor, percdamp: float, device: torch.device | None = None) -> InverseHessian:
+    H = hessian.detach().to(device=device or hessian.device, dtype=torch.float32).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    upper, damp = inverse_hessian_factor(H, percdamp)
+    return InverseHessian(upper, dead, damp)
+
+
 def sparsegpt_prune(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | None,
     sparsity: float,
     pattern: SparsityPattern,
     blocksize: int = 128,
     percdamp: float = 0.01,
     forced: torch.Tensor | None = None,
+    inverse: InverseHessian | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Return (pruned and reconstructed float32 weight, mask, dampening used)."""
+    """Return (pruned and reconstructed float32 weight, mask, dampening used); ``inverse`` (from
+    ``invert_hessian``) replaces ``hessian`` when several layers share one."""
     W = weight.detach().to(torch.float32).clone()
-    H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
     rows, cols = W.shape
     if pattern.is_nm:
         if cols % pattern.m:
             raise PatternError(f"pattern {pattern} needs in_features divisible by {pattern.m}, got {cols}")
         blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    hinv, damp = inverse_hessian_factor(H, percdamp)
-    del H
+    if inverse is None:
+        inverse = invert_hessian(hessian, percdamp, W.device)
+    hinv, damp = inverse.upper, inverse.damp
+    W[:, inverse.dead] = 0.0
 
     mask = torch.zeros_like(W, dtype=torch.bool)
     starts = list(range(0, cols, blocksize))
@@ -107,22 +125,26 @@ def sparsegpt_prune(
     return W, mask, damp
 
 
-#: rows solved at once by the batched triangular solve (bounds its rows x B x B working memory)
+#: columns of a block whose errors one batched triangular solve finds; each leaf's errors then update the
+#: block's remaining columns by one matrix product. Narrow leaves keep the per-row systems (rows x leaf x leaf)
+#: small; bench/sparsegpt_solve.py measures the choice.
+LEAF = 32
+#: rows solved at once by the batched triangular solve (bounds its rows x leaf x leaf working memory)
 SOLVE_ELEMENTS = 1 << 26
 
 
-def _block_fixed_mask(W1: torch.Tensor, Hinv1: torch.Tensor, mask1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pruned block, errors) of one column block whose mask is fixed up front (unstructured).
+def _leaf_errors(W1: torch.Tensor, U: torch.Tensor, mask1: torch.Tensor) -> torch.Tensor:
+    """Errors of one leaf of columns whose mask is fixed, given its current weights W1 and the leaf's block U
+    of the upper Cholesky factor of H^-1.
 
-    The reference updates column by column: e_i = m_i * w_i / d_i with w_i = w0_i - sum_{k<i} e_k U_ki, U the
-    block of the upper Cholesky factor of H^-1 and d its diagonal. With the mask known, that recurrence is, for
-    each row r, the unit lower-triangular system (I + diag(m_r / d) U_s^T) e_r = m_r * w0_r / d (U_s: strictly
-    upper part of U). Solving all rows with one batched triangular solve replaces B sequential column steps.
+    The reference updates column by column: e_i = m_i * w_i / d_i with w_i = w0_i - sum_{k<i} e_k U_ki, d the
+    diagonal of U. With the mask known, that recurrence is, for each row r, the unit lower-triangular system
+    (I + diag(m_r / d) U_s^T) e_r = m_r * w0_r / d (U_s: strictly upper part of U), so one batched triangular
+    solve over the rows replaces the sequential column steps.
     """
     rows, width = W1.shape
-    d = torch.diag(Hinv1)
-    lower = torch.triu(Hinv1, diagonal=1).t()  # L_ik = U_ki for k < i
-    scale = mask1.to(W1.dtype) / d[None, :]  # m_ri / d_i
+    lower = torch.triu(U, diagonal=1).t()  # L_ik = U_ki for k < i
+    scale = mask1.to(W1.dtype) / torch.diag(U)[None, :]  # m_ri / d_i
     errors = torch.empty_like(W1)
     eye = torch.eye(width, dtype=W1.dtype, device=W1.device)
     step = max(1, SOLVE_ELEMENTS // (width * width))
@@ -131,8 +153,25 @@ def _block_fixed_mask(W1: torch.Tensor, Hinv1: torch.Tensor, mask1: torch.Tensor
         system = eye + scale[r0:r1, :, None] * lower[None, :, :]
         rhs = (scale[r0:r1] * W1[r0:r1])[:, :, None]
         errors[r0:r1] = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)[:, :, 0]
-    updated = W1 - errors @ torch.triu(Hinv1, diagonal=1)
-    return updated.masked_fill(mask1, 0.0), errors
+    return errors
+
+
+def _block_fixed_mask(W1: torch.Tensor, Hinv1: torch.Tensor, mask1: torch.Tensor,
+                      leaf: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pruned block, errors) of one column block whose mask is fixed up front (unstructured): leaf by leaf,
+    solve a leaf's errors, then push them onto every later column of the block (lazy updates inside the block,
+    as the reference does across blocks)."""
+    leaf = leaf or LEAF
+    W1 = W1.clone()
+    width = W1.shape[1]
+    errors = torch.empty_like(W1)
+    for j0 in range(0, width, leaf):
+        j1 = min(j0 + leaf, width)
+        leaf_errors = _leaf_errors(W1[:, j0:j1], Hinv1[j0:j1, j0:j1], mask1[:, j0:j1])
+        errors[:, j0:j1] = leaf_errors
+        # the leaf's own kept columns and every column after the leaf
+        W1[:, j0:] -= leaf_errors @ torch.triu(Hinv1[j0:j1, j0:], diagonal=1)
+    return W1.masked_fill(mask1, 0.0), errors
 
 
 def _block_n_of_m(W1: torch.Tensor, Hinv1: torch.Tensor, pattern: SparsityPattern,
@@ -169,8 +208,11 @@ class SparseGPT(PruningMetric):
         self.percdamp = percdamp
 
     def prune(self, weight, stats: LayerStats, sparsity: float, pattern: SparsityPattern, forced=None) -> PruneResult:
+        key = ("sparsegpt inverse", self.percdamp, weight.device)
+        if key not in stats.derived:  # q/k/v and gate/up share their statistics, hence this
+            stats.derived[key] = invert_hessian(stats.hessian, self.percdamp, weight.device)
         new, mask, damp = sparsegpt_prune(
-            weight, stats.hessian, sparsity, pattern, self.blocksize, self.percdamp, forced
+            weight, None, sparsity, pattern, self.blocksize, self.percdamp, forced, inverse=stats.derived[key]
         )
         if damp > self.percdamp:
             stats.notes.append(f"dampening raised to {damp:g} (Hessian not positive definite)")

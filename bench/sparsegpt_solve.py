@@ -32,7 +32,7 @@ def timed(fn, device, repeat: int) -> float:
 
 
 def inverse_by_cholesky_inverse(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """The alternative to ``inverse_hessian_factor``: cholesky_inverse instead of a triangular solve."""
+    """An alternative to ``inverse_hessian_factor``: invert H by cholesky_inverse, then factorise H^-1."""
     eye = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
     lower = torch.linalg.cholesky(hessian + percdamp * torch.diag(hessian).mean() * eye)
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
@@ -60,7 +60,7 @@ def main() -> None:
         inverse = sgpt.invert_hessian(hessian, 0.01)
         reference = None
         for leaf in [int(v) for v in args.leaves.split(",")]:
-            sgpt.LEAF = leaf
+            sgpt.LEAF = {device.type: leaf}
             row[f"solve_leaf{leaf}_s"] = timed(
                 lambda: sgpt.sparsegpt_prune(weight, None, 0.5, SparsityPattern(), inverse=inverse), device,
                 args.repeat)

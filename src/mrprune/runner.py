@@ -106,12 +106,14 @@ class SequentialPruner:
     def _block_on_device(self, index: int):
         block = self.adapter.blocks[index]
         if self.offload:
-            block.to(self.device)
+            with self.timer.phase("block moves"):
+                block.to(self.device)
         return block
 
     def _release(self, index: int) -> None:
         if self.offload:
-            self.adapter.blocks[index].to("cpu")
+            with self.timer.phase("block moves"):
+                self.adapter.blocks[index].to("cpu")
 
     def collect_stats(self, acts: Activations, layers: list[LinearRef], sq_norm: bool = False) -> dict[str, LayerStats]:
         """Statistics of ``layers`` (all in block ``acts.index``) from one forward over the cached inputs: what

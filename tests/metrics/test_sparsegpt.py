@@ -107,3 +107,14 @@ def test_layers_sharing_statistics_share_one_inverse_and_match_separate_runs():
     for w, got in zip(weights, together):
         alone = metric.prune(w, LayerStats(tokens=x.shape[0], hessian=x.t() @ x), 0.5, SparsityPattern()).weight
         torch.testing.assert_close(got, alone, rtol=0, atol=0)
+
+
+def test_inverse_factor_is_the_upper_cholesky_factor_of_the_dampened_inverse(device):
+    from mrprune.metrics.sparsegpt import inverse_hessian_factor
+
+    x = correlated_inputs(dim=48, seed=7).double().to(device)
+    hessian = x.t() @ x
+    upper, damp = inverse_hessian_factor(hessian, 0.01)
+    dampened = hessian + damp * torch.diag(hessian).mean() * torch.eye(48, dtype=hessian.dtype, device=device)
+    expected = torch.linalg.cholesky(torch.linalg.inv(dampened), upper=True)
+    torch.testing.assert_close(upper, expected, rtol=1e-9, atol=1e-12)

@@ -25,19 +25,21 @@ DAMPING_RETRIES = (1.0, 10.0, 100.0, 1000.0)
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp I)^-1, and the dampening fraction that made H positive definite."""
+    """Upper Cholesky factor U of (H + damp I)^-1 (so H^-1 = U^T U), and the dampening fraction that made H
+    positive definite.
+
+    With J the order-reversing permutation, J H J = L L^T gives H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J
+    is upper triangular with a positive diagonal: U is one Cholesky factorisation and one triangular inverse
+    away, about a third of the arithmetic of inverting H and factorising the inverse.
+    """
     mean_diag = float(torch.diag(hessian).mean())
+    flipped = hessian.flip(0, 1)
     eye = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
     for factor in DAMPING_RETRIES:
         damp = max(percdamp, 1e-8) * factor
-        lower, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
+        lower, info = torch.linalg.cholesky_ex(flipped + damp * mean_diag * eye)
         if int(info) == 0:
-            # H^-1 = L^-T L^-1; a triangular solve is much faster than cholesky_inverse on some CPU builds
-            inv_lower = torch.linalg.solve_triangular(lower, eye, upper=False)
-            hinv = inv_lower.t() @ inv_lower
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info) == 0:
-                return upper, damp
+            return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1), damp
         log.warning("Hessian not positive definite with dampening %.3g; retrying with more", damp)
     raise FloatingPointError(f"Hessian stays singular even with dampening {damp:.3g} of its mean diagonal")
 
@@ -127,8 +129,9 @@ def sparsegpt_prune(
 
 #: columns of a block whose errors one batched triangular solve finds; each leaf's errors then update the
 #: block's remaining columns by one matrix product. Narrow leaves keep the per-row systems (rows x leaf x leaf)
-#: small; bench/sparsegpt_solve.py measures the choice.
-LEAF = 32
+#: small, wide ones launch fewer kernels: bench/sparsegpt_solve.py found 64 fastest on an H200 and 16 on the
+#: CPU (bench/results/sparsegpt_solve_*.json).
+LEAF = {"cuda": 64, "cpu": 16}
 #: rows solved at once by the batched triangular solve (bounds its rows x leaf x leaf working memory)
 SOLVE_ELEMENTS = 1 << 26
 
@@ -161,7 +164,7 @@ def _block_fixed_mask(W1: torch.Tensor, Hinv1: torch.Tensor, mask1: torch.Tensor
     """(pruned block, errors) of one column block whose mask is fixed up front (unstructured): leaf by leaf,
     solve a leaf's errors, then push them onto every later column of the block (lazy updates inside the block,
     as the reference does across blocks)."""
-    leaf = leaf or LEAF
+    leaf = leaf or LEAF.get(W1.device.type, 32)
     W1 = W1.clone()
     width = W1.shape[1]
     errors = torch.empty_like(W1)

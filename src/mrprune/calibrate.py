@@ -168,6 +168,41 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return x.t() @ x
 
 
+#: inputs at least this wide accumulate x^T x in GRAM_PARTS x GRAM_PARTS tiles, upper ones only
+GRAM_TILED_FROM = 2048
+GRAM_PARTS = 4
+
+
+def _tiles(dim: int, parts: int) -> list[slice]:
+    edges = [dim * k // parts for k in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(edges, edges[1:])]
+
+
+def accumulate_gram(hessian: torch.Tensor, x: torch.Tensor, parts: int | None = None) -> None:
+    """hessian += x^T x, computing only the tiles on and above the diagonal (10 of 16 for 4 parts: the Hessian
+    GEMMs are most of SparseGPT's statistics time); ``mirror_gram`` fills the rest once accumulation ends."""
+    parts = parts or (GRAM_PARTS if x.shape[1] >= GRAM_TILED_FROM else 1)
+    if parts == 1:
+        hessian += gram(x)
+        return
+    tiles = _tiles(x.shape[1], parts)
+    for i, rows in enumerate(tiles):
+        for cols in tiles[i:]:
+            if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _MM_FLOAT32_OUT:
+                hessian[rows, cols] += torch.mm(x[:, rows].t(), x[:, cols], out_dtype=torch.float32)
+            else:
+                hessian[rows, cols] += x[:, rows].t().to(torch.float32) @ x[:, cols].to(torch.float32)
+
+
+def mirror_gram(hessian: torch.Tensor, parts: int | None = None) -> None:
+    """Copy the upper tiles that ``accumulate_gram`` computed onto the lower ones (the same ``parts``)."""
+    parts = parts or (GRAM_PARTS if hessian.shape[0] >= GRAM_TILED_FROM else 1)
+    tiles = _tiles(hessian.shape[0], parts)
+    for i, rows in enumerate(tiles):
+        for cols in tiles[i + 1 :]:
+            hessian[cols, rows] = hessian[rows, cols].t()
+
+
 class StatsCollector:
     """Forward pre-hooks on one block's linear layers accumulating input statistics in float32.
 
@@ -220,10 +255,13 @@ class StatsCollector:
         if stats.sq_norm is not None:
             stats.sq_norm += torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).square()
         if stats.hessian is not None:
-            stats.hessian += gram(x)
+            accumulate_gram(stats.hessian, x)
 
     def result(self) -> dict[str, LayerStats]:
         """Statistics for every layer that saw input (shared accumulators appear under each name)."""
+        for stats in self.stats.values():
+            if stats.hessian is not None:
+                mirror_gram(stats.hessian)
         out = dict(self.stats)
         for name, owner in self.shared_with.items():
             out[name] = self.stats[owner]

@@ -118,3 +118,16 @@ def test_inverse_factor_is_the_upper_cholesky_factor_of_the_dampened_inverse(dev
     dampened = hessian + damp * torch.diag(hessian).mean() * torch.eye(48, dtype=hessian.dtype, device=device)
     expected = torch.linalg.cholesky(torch.linalg.inv(dampened), upper=True)
     torch.testing.assert_close(upper, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("parts", [1, 3, 4])
+def test_tiled_gram_accumulates_the_full_symmetric_hessian(parts, device):
+    from mrprune.calibrate import accumulate_gram, mirror_gram
+
+    batches = [correlated_inputs(tokens=64, dim=37, seed=s).to(device) for s in range(3)]
+    hessian = torch.zeros(37, 37, device=device)
+    for x in batches:
+        accumulate_gram(hessian, x, parts)
+    mirror_gram(hessian, parts)
+    x = torch.cat(batches)
+    torch.testing.assert_close(hessian, x.t() @ x, rtol=1e-5, atol=1e-4)

@@ -71,6 +71,22 @@ def test_statistics_are_shared_between_layers_fed_the_same_input():
     assert q.tokens == 3 * 24 and q.hessian.shape == (64, 64)
 
 
+def test_tiled_hessians_from_the_runner_equal_the_plain_ones(device, monkeypatch):
+    """Wide inputs accumulate upper tiles only (in inference mode) and are mirrored when read."""
+    from mrprune import calibrate
+
+    def hessians(tiled_from):
+        monkeypatch.setattr(calibrate, "GRAM_TILED_FROM", tiled_from)
+        adapter = get_adapter(tiny_model("llama"))
+        runner = SequentialPruner(adapter, build_metric("sparsegpt"), SparsityPattern(), device, progress=False)
+        stats = runner.collect_stats(runner.capture(calibration_ids()), adapter.linear_layers(0))
+        return {name: s.hessian for name, s in stats.items()}
+
+    plain, tiled = hessians(10**9), hessians(16)
+    for name in plain:
+        torch.testing.assert_close(tiled[name], plain[name], rtol=1e-5, atol=1e-5)
+
+
 def test_statistics_come_from_pruned_upstream_blocks():
     """Block 1's input statistics differ depending on whether block 0 was pruned first."""
     ids = calibration_ids()

@@ -259,9 +259,10 @@ class StatsCollector:
 
     def result(self) -> dict[str, LayerStats]:
         """Statistics for every layer that saw input (shared accumulators appear under each name)."""
-        for stats in self.stats.values():
-            if stats.hessian is not None:
-                mirror_gram(stats.hessian)
+        with torch.inference_mode():  # the accumulators were made by hooks running in inference mode
+            for stats in self.stats.values():
+                if stats.hessian is not None:
+                    mirror_gram(stats.hessian)
         out = dict(self.stats)
         for name, owner in self.shared_with.items():
             out[name] = self.stats[owner]

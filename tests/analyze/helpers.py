@@ -28,4 +28,4 @@ def same_state(model, saved: dict) -> bool:
 def torch_equal(a, b) -> bool:
     import torch
 
-    return a.dtype == b.dtype and torch.equal(a, b)
+    return a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())  # a job may have moved the model to a GPU

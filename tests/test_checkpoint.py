@@ -59,6 +59,8 @@ CASES = {
     "owl": ({"allocation.method": "owl"}, SequentialPruner, "save_progress", 1),
     "alphapruning": ({"allocation.method": "alphapruning"}, SequentialPruner, "save_progress", 2),
     "mrp-fast": ({"allocation.method": "mrp-fast"}, SequentialPruner, "save_progress", 1),
+    "mrp-fast-pilot": ({"allocation.method": "mrp-fast", "allocation.mrp.pilot": "start"}, SequentialPruner,
+                       "save_progress", 1),
     "mrp-start": ({"allocation.method": "mrp"}, SequentialPruner, "save_progress", 1),
     "mrp-iterate": ({"allocation.method": "mrp"}, MrpRun, "_save_progress", 2),
 }

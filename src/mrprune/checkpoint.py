@@ -248,6 +248,23 @@ class Checkpoint:
         tensor = hidden.detach().to("cpu").contiguous()
         _atomic(self.directory / activations_file(index), lambda tmp: save_file({"hidden": tensor}, tmp))
 
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Write an allocator's own tensors (e.g. fast MRP's pilot curves) as ``name``.safetensors, atomically."""
+        from safetensors.torch import save_file
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tensors = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
+        _atomic(self.directory / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp))
+
+    def load_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        path = self.directory / f"{name}.safetensors"
+        try:
+            return load_file(path)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot read {path}: {exc}") from None
+
     def commit(self, stage: str, blocks_saved: Iterable[int], next_block: int | None = None,
                activations: int | None = None, records: list | None = None,
                state: dict[str, Any] | None = None) -> None:

@@ -85,6 +85,9 @@ class MrpConfig:
     gamma: float = 0.95
     checkpoint_stride: int = 0
     activations: str = "dense-block"
+    #: fast MRP's planning curves: "dense" (the dense pass) or "start" (an extra pass over the model pruned
+    #: uniformly to s0, the state exact MRP starts from)
+    pilot: str = "dense"
 
 
 @dataclass
@@ -147,6 +150,7 @@ class PruneConfig:
         _check_choice("allocation.method", self.allocation.method, ALLOCATORS)
         _check_choice("allocation.granularity", self.allocation.granularity, ("block", "layer"))
         _check_choice("allocation.mrp.activations", self.allocation.mrp.activations, ("dense-block", "pruned-block"))
+        _check_choice("allocation.mrp.pilot", self.allocation.mrp.pilot, ("dense", "start"))
         _check_choice("evaluation.bos", self.evaluation.bos, ("auto", "always", "never"))
         pattern = SparsityPattern.parse(self.pattern)
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:

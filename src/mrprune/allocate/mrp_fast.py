@@ -29,6 +29,9 @@ from .mrp import Unit, build_units, layer_counts_for, per_unit_on_device, resolv
 
 log = logging.getLogger(__name__)
 
+#: checkpoint file holding the pilot pass's per-row outlier counts
+PILOT_FILE = "mrp-fast-pilot"
+
 
 def unit_curve(unit: Unit, sq_norms: dict[str, torch.Tensor], tau: float) -> RedundancyCurve:
     return RedundancyCurve([(row_outlier_counts(ref.weight, sq_norms[ref.name], tau).cpu(), ref.in_features)
@@ -56,6 +59,10 @@ class FastMrpRun:
 
             taus, dense_curves = zip(*per_unit_on_device(pruner, self.units, dense_curve))
             self.tau, dense_curves = list(taus), list(dense_curves)
+        start, _ = pruner.restore()  # after the dense pass: thresholds and dense curves come from dense weights
+        if opt.pilot == "start":
+            dense_curves = self.pilot_curves(start)
+        with pruner.timer.phase("masks"):
             dense_plan = equalize(dense_curves, self.target, self.s0, opt.smax)
         curves = list(dense_curves)  # a fixed unit's curve only lends its size to the plan: dense is enough
         goal = round(self.target * sum(u.numel for u in self.units))
@@ -63,7 +70,6 @@ class FastMrpRun:
         fixed: dict[int, float] = {}
         drift_true = drift_dense = 0.0
         final_ratios = [0.0] * len(self.units)
-        start, _ = pruner.restore()  # after the dense pass: thresholds and dense curves come from dense weights
         if start:
             state = pruner.checkpoint.progress["state"]
             done, drift_true, drift_dense = state["done"], state["drift_true"], state["drift_dense"]
@@ -119,6 +125,49 @@ class FastMrpRun:
                 "done": done, "fixed": fixed, "drift_true": drift_true, "drift_dense": drift_dense,
                 "final_ratios": final_ratios, "trace": self.trace})
         return self.result(final_ratios)
+
+    def pilot_curves(self, start: int) -> list[RedundancyCurve]:
+        """The start-state curves: computed before the first block is pruned and kept in the checkpoint, so a
+        resumed run plans with the very same curves."""
+        ckpt = self.pruner.checkpoint
+        if start:
+            saved = ckpt.load_tensors(PILOT_FILE)
+            return [RedundancyCurve([(saved[f"{unit.index}.{j}"], ref.in_features) for j, ref in enumerate(unit.layers)])
+                    for unit in self.units]
+        curves = self.start_curves()
+        if ckpt is not None:
+            ckpt.save_tensors(PILOT_FILE, {f"{unit.index}.{j}": counts for unit, curve in zip(self.units, curves)
+                                           for j, (counts, _) in enumerate(curve.layers)})
+        return curves
+
+    def start_curves(self) -> list[RedundancyCurve]:
+        """Every unit's curve on the model pruned uniformly to s0 upstream of it, the state exact MRP starts
+        from: one extra pass that prunes each block to s0 only to advance the activations, then restores it."""
+        pruner, metric = self.pruner, self.pruner.metric
+        curves: list[RedundancyCurve | None] = [None] * len(self.units)
+        acts = pruner.capture(self.input_ids)
+        for block in tqdm(range(self.adapter.num_blocks), desc="fast MRP pilot at s0", unit="block",
+                          disable=not pruner.progress):
+            layers = self.adapter.linear_layers(block)
+            pruner._block_on_device(block)
+            try:
+                stats = pruner.collect_stats(acts, layers, sq_norm=True)
+                with pruner.timer.phase("masks"):
+                    norms = {name: s.sq_norm for name, s in stats.items()}
+                    for unit in self.units:
+                        if unit.block == block:
+                            curves[unit.index] = unit_curve(unit, norms, self.tau[unit.index])
+                    start_weights = {}
+                    for ref in layers:
+                        weight = ref.weight.to(torch.float32)
+                        start_weights[ref.name] = metric.prune(weight, stats[ref.name], self.s0, pruner.pattern,
+                                                               forced=weight == 0).weight
+                del stats
+                with pruner.weights_of(block, start_weights):
+                    pruner.advance(acts, phase="pilot")
+            finally:
+                pruner._release(block)
+        return curves  # type: ignore[return-value]
 
     def result(self, final_ratios: list[float]) -> tuple[Allocation, list[LayerRecord]]:
         records = [

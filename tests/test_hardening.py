@@ -242,3 +242,17 @@ def test_analyses_refuse_checkpoint_options(tiny_dir):
     config = job(tiny_dir("llama"), **{"runtime.checkpoint_dir": "ck"})
     with pytest.raises(ConfigError, match="apply to 'mrprune prune' only"):
         load_job(None, None, config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_is_finite_finds_any_nan_or_inf_wherever_it_is(dtype, device):
+    from mrprune.numerics import is_finite
+
+    clean = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    assert is_finite(clean) and is_finite(clean[:, :0]) and is_finite(torch.arange(5))
+    for position in (0, 1234, 2999):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            dirty = clean.clone()
+            dirty.view(-1)[position] = bad
+            assert not is_finite(dirty), (position, bad)
+    assert not is_finite(torch.full((7,), float("nan"), dtype=dtype, device=device))

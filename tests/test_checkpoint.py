@@ -257,3 +257,19 @@ def test_real_sigint_and_sigterm_leave_no_output_and_resume_gives_the_same_model
     prune(config=job(deep_dir, reference, metric="sparsegpt", **{"calibration.nsamples": 8,
                                                                  "calibration.seqlen": 64}), progress=False)
     assert weights_digest(out) == weights_digest(reference)
+
+
+def test_allocator_files_belong_to_the_checkpoint(tmp_path):
+    """Fast MRP's pilot curves are written before the first progress.json: a re-run must still take the folder,
+    and removing the checkpoint removes them."""
+    from mrprune.checkpoint import Checkpoint
+
+    folder = tmp_path / "ckpt"
+    Checkpoint.open(folder, {"run": 1}, resume=False).save_tensors("mrp-fast-pilot", {"0.0": torch.arange(3)})
+    ckpt = Checkpoint.open(folder, {"run": 1}, resume=False)  # an interrupted pilot leaves nothing to resume
+    assert list(folder.iterdir()) == []
+    ckpt.save_tensors("mrp-fast-pilot", {"0.0": torch.arange(3)})
+    assert torch.equal(ckpt.load_tensors("mrp-fast-pilot")["0.0"], torch.arange(3))
+    ckpt.commit("mrp-fast", [], next_block=0)
+    ckpt.remove()
+    assert not folder.exists()

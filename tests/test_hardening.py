@@ -256,3 +256,14 @@ def test_is_finite_finds_any_nan_or_inf_wherever_it_is(dtype, device):
             dirty.view(-1)[position] = bad
             assert not is_finite(dirty), (position, bad)
     assert not is_finite(torch.full((7,), float("nan"), dtype=dtype, device=device))
+
+
+def test_is_finite_on_float8():
+    from mrprune.numerics import is_finite
+
+    clean = torch.randn(100).to(torch.float8_e5m2)
+    assert is_finite(clean)
+    for bad in (float("nan"), float("inf")):
+        dirty = clean.clone()
+        dirty[37] = bad
+        assert not is_finite(dirty)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from mrprune.metrics import SparsityPattern, build_metric
+from mrprune.metrics.sparsegpt import SparseGPT
 from mrprune.models import get_adapter
 from mrprune.runner import SequentialPruner
 from tests.conftest import FAMILIES, VOCAB, tiny_model
@@ -69,6 +70,46 @@ def test_statistics_are_shared_between_layers_fed_the_same_input():
     assert stats[names["mlp.gate_proj"]] is stats[names["mlp.up_proj"]]
     assert stats[names["self_attn.o_proj"]] is not q
     assert q.tokens == 3 * 24 and q.hessian.shape == (64, 64)
+
+
+def test_shared_inverse_hessians_are_freed_after_their_last_layer():
+    adapter = get_adapter(tiny_model("llama"))
+    runner = SequentialPruner(adapter, build_metric("sparsegpt"), SparsityPattern(), torch.device("cpu"),
+                              progress=False)
+    layers = adapter.linear_layers(0)
+    stats = runner.collect_stats(runner.capture(calibration_ids()), layers)
+    seen = []
+    original = SparseGPT.prune
+
+    def spy(self, weight, layer_stats, *args, **kwargs):
+        result = original(self, weight, layer_stats, *args, **kwargs)
+        seen.append(len(layer_stats.derived))
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SparseGPT, "prune", spy)
+        runner.prune_layers(layers, {ref.name: 0.5 for ref in layers}, stats)
+    assert seen == [1] * len(layers)  # each shared inverse existed while its layers were pruned
+    assert all(not s.derived for s in stats.values())  # and none outlives the block
+
+
+def test_nested_phases_are_charged_to_the_innermost_only():
+    import time
+
+    from mrprune.runtime import PhaseTimer
+
+    timer = PhaseTimer()
+    start = time.perf_counter()
+    with timer.phase("outer"):
+        time.sleep(0.05)
+        with timer.phase("inner"):
+            time.sleep(0.1)
+        time.sleep(0.05)
+    wall = time.perf_counter() - start
+    inner, outer = timer.seconds["inner"], timer.seconds["outer"]
+    assert inner >= 0.1 and outer >= 0.1
+    assert outer < wall - 0.09  # the inner 0.1 s is not charged to the outer phase as well
+    assert inner + outer == pytest.approx(wall, abs=0.02)
 
 
 def test_tiled_hessians_from_the_runner_equal_the_plain_ones(device, monkeypatch):

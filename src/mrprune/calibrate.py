@@ -124,6 +124,8 @@ def capture_block_inputs(
                     pass
     finally:
         handle.remove()
+    if position != input_ids.shape[0]:
+        raise RuntimeError(f"captured the inputs of {position} of {input_ids.shape[0]} calibration windows")
     return hidden, bool(finite)  # reading the flag waits for the device, so every copy has landed
 
 

@@ -144,6 +144,14 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
+#: prefix of the files allocators keep in a checkpoint (``save_tensors``)
+ALLOCATOR_PREFIX = "allocator-"
+
+
+def allocator_file(name: str) -> str:
+    return f"{ALLOCATOR_PREFIX}{name}.safetensors"
+
+
 def block_file(index: int) -> str:
     return f"block-{index:05d}.safetensors"
 
@@ -249,17 +257,17 @@ class Checkpoint:
         _atomic(self.directory / activations_file(index), lambda tmp: save_file({"hidden": tensor}, tmp))
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Write an allocator's own tensors (e.g. fast MRP's pilot curves) as ``name``.safetensors, atomically."""
+        """Write an allocator's own tensors (e.g. fast MRP's pilot curves), atomically."""
         from safetensors.torch import save_file
 
         self.directory.mkdir(parents=True, exist_ok=True)
         tensors = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
-        _atomic(self.directory / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp))
+        _atomic(self.directory / allocator_file(name), lambda tmp: save_file(tensors, tmp))
 
     def load_tensors(self, name: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        path = self.directory / f"{name}.safetensors"
+        path = self.directory / allocator_file(name)
         try:
             return load_file(path)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -334,7 +342,7 @@ class Checkpoint:
 def _ours(path: Path) -> bool:
     """A file a checkpoint writes (besides progress.json)."""
     return path.is_file() and (path.name.startswith(_TMP_PREFIX) or (
-        path.name.startswith(("block-", "activations-")) and path.suffix == ".safetensors"))
+        path.name.startswith(("block-", "activations-", ALLOCATOR_PREFIX)) and path.suffix == ".safetensors"))
 
 
 def describe(progress: dict[str, Any]) -> str:

@@ -204,12 +204,15 @@ class SequentialPruner:
     ) -> list[LayerRecord]:
         """Prune each layer to its target. Weights that are already zero count as pruned (masks nest)."""
         records = []
+        last_use = {id(stats[ref.name]): ref.name for ref in layers if ref.name in stats}
         with self.timer.phase("masks"):
             for ref in layers:
                 weight = ref.weight.to(torch.float32)
                 layer_stats = stats.get(ref.name, LayerStats())
                 known_notes = len(layer_stats.notes)  # layers fed the same input share one LayerStats
                 result = self.metric.prune(weight, layer_stats, targets[ref.name], self.pattern, forced=weight == 0)
+                if last_use.get(id(layer_stats)) == ref.name:  # no later layer shares what it derived (H^-1)
+                    layer_stats.derived.clear()
                 check_pruned_weight(result.weight, ref.name, ref.block)
                 ref.set_weight(result.weight)
                 zeros = int((ref.weight == 0).sum())

@@ -18,21 +18,31 @@ def synchronize(device: torch.device) -> None:
 
 
 class PhaseTimer:
-    """Accumulates wall time per named phase; synchronises CUDA so asynchronous kernels are charged correctly."""
+    """Accumulates wall time per named phase; synchronises CUDA so asynchronous kernels are charged correctly.
+    A phase opened inside another is charged to itself alone, so the phases add up to the wall time."""
 
     def __init__(self, device: torch.device | None = None):
         self.device = device or torch.device("cpu")
         self.seconds: dict[str, float] = defaultdict(float)
+        self._open: list[list] = []  # [name, start of its current stretch], innermost last
 
     @contextlib.contextmanager
     def phase(self, name: str):
         synchronize(self.device)
-        start = time.perf_counter()
+        now = time.perf_counter()
+        if self._open:
+            outer = self._open[-1]
+            self.seconds[outer[0]] += now - outer[1]
+        self._open.append([name, now])
         try:
             yield
         finally:
             synchronize(self.device)
-            self.seconds[name] += time.perf_counter() - start
+            now = time.perf_counter()
+            _, start = self._open.pop()
+            self.seconds[name] += now - start
+            if self._open:
+                self._open[-1][1] = now
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in self.seconds.items()}

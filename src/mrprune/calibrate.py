@@ -11,6 +11,7 @@ windows by a pre-hook that stops the forward there.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -161,13 +162,13 @@ def run_block(
 _MM_FLOAT32_OUT = hasattr(torch.ops.aten.mm, "dtype")
 
 
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """x^T x in float32. On CUDA, half-precision inputs go straight to a tensor-core GEMM with float32 output
-    (their products are exact in float32) instead of being copied to float32 first."""
+def gram(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """x^T y (y defaults to x) in float32. On CUDA, half-precision inputs go straight to a tensor-core GEMM with
+    float32 output (their products are exact in float32) instead of being copied to float32 first."""
+    y = x if y is None else y
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _MM_FLOAT32_OUT:
-        return torch.mm(x.t(), x, out_dtype=torch.float32)
-    x = x.to(torch.float32)
-    return x.t() @ x
+        return torch.mm(x.t(), y, out_dtype=torch.float32)
+    return x.t().to(torch.float32) @ y.to(torch.float32)
 
 
 #: inputs at least this wide accumulate x^T x in GRAM_PARTS x GRAM_PARTS tiles, upper ones only
@@ -175,30 +176,24 @@ GRAM_TILED_FROM = 2048
 GRAM_PARTS = 4
 
 
-def _tiles(dim: int, parts: int) -> list[slice]:
+def _tiles(dim: int, parts: int | None) -> list[slice]:
+    """The diagonal tiles' index ranges; ``parts`` None: tiled only from GRAM_TILED_FROM wide."""
+    parts = parts or (GRAM_PARTS if dim >= GRAM_TILED_FROM else 1)
     edges = [dim * k // parts for k in range(parts + 1)]
-    return [slice(a, b) for a, b in zip(edges, edges[1:])]
+    return [slice(a, b) for a, b in pairwise(edges)]
 
 
 def accumulate_gram(hessian: torch.Tensor, x: torch.Tensor, parts: int | None = None) -> None:
     """hessian += x^T x, computing only the tiles on and above the diagonal (10 of 16 for 4 parts: the Hessian
     GEMMs are most of SparseGPT's statistics time); ``mirror_gram`` fills the rest once accumulation ends."""
-    parts = parts or (GRAM_PARTS if x.shape[1] >= GRAM_TILED_FROM else 1)
-    if parts == 1:
-        hessian += gram(x)
-        return
     tiles = _tiles(x.shape[1], parts)
     for i, rows in enumerate(tiles):
         for cols in tiles[i:]:
-            if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _MM_FLOAT32_OUT:
-                hessian[rows, cols] += torch.mm(x[:, rows].t(), x[:, cols], out_dtype=torch.float32)
-            else:
-                hessian[rows, cols] += x[:, rows].t().to(torch.float32) @ x[:, cols].to(torch.float32)
+            hessian[rows, cols] += gram(x[:, rows], x[:, cols])
 
 
 def mirror_gram(hessian: torch.Tensor, parts: int | None = None) -> None:
     """Copy the upper tiles that ``accumulate_gram`` computed onto the lower ones (the same ``parts``)."""
-    parts = parts or (GRAM_PARTS if hessian.shape[0] >= GRAM_TILED_FROM else 1)
     tiles = _tiles(hessian.shape[0], parts)
     for i, rows in enumerate(tiles):
         for cols in tiles[i + 1 :]:

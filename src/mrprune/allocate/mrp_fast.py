@@ -47,6 +47,9 @@ class FastMrpRun:
         self.input_ids = input_ids
         self.target, self.s0 = resolve_start(options, ctx.target)
         self.units = build_units(ctx)
+        self.by_block: dict[int, list[Unit]] = {}
+        for unit in self.units:
+            self.by_block.setdefault(unit.block, []).append(unit)
         self.trace: list[dict] = []
 
     def run(self) -> tuple[Allocation, list[LayerRecord]]:
@@ -78,12 +81,9 @@ class FastMrpRun:
         if start >= self.adapter.num_blocks:
             return self.result(final_ratios)
         acts = pruner.resume(self.input_ids) if start else pruner.capture(self.input_ids)
-        by_block: dict[int, list[Unit]] = {}
-        for unit in self.units:
-            by_block.setdefault(unit.block, []).append(unit)
         for block in tqdm(range(start, self.adapter.num_blocks), desc=f"fast MRP ({pruner.metric.name})",
                           unit="block", disable=not pruner.progress):
-            units = by_block[block]
+            units = self.by_block[block]
             layers = self.adapter.linear_layers(block)
             pruner._block_on_device(block)
             try:
@@ -132,8 +132,8 @@ class FastMrpRun:
         ckpt = self.pruner.checkpoint
         if start:
             saved = ckpt.load_tensors(PILOT_FILE)
-            return [RedundancyCurve([(saved[f"{unit.index}.{j}"], ref.in_features) for j, ref in enumerate(unit.layers)])
-                    for unit in self.units]
+            return [RedundancyCurve([(saved[f"{unit.index}.{j}"], ref.in_features)
+                                     for j, ref in enumerate(unit.layers)]) for unit in self.units]
         curves = self.start_curves()
         if ckpt is not None:
             ckpt.save_tensors(PILOT_FILE, {f"{unit.index}.{j}": counts for unit, curve in zip(self.units, curves)
@@ -154,9 +154,8 @@ class FastMrpRun:
                 stats = pruner.collect_stats(acts, layers, sq_norm=True)
                 with pruner.timer.phase("masks"):
                     norms = {name: s.sq_norm for name, s in stats.items()}
-                    for unit in self.units:
-                        if unit.block == block:
-                            curves[unit.index] = unit_curve(unit, norms, self.tau[unit.index])
+                    for unit in self.by_block[block]:
+                        curves[unit.index] = unit_curve(unit, norms, self.tau[unit.index])
                     start_weights = {}
                     for ref in layers:
                         weight = ref.weight.to(torch.float32)

@@ -69,7 +69,7 @@ class InverseHessian:
 
 
 def invert_hessian(hessian: torch.Tensor, percdamp: float, device: torch.device | None = None) -> InverseHessian:
-    H = hessian.detach().to(device=device or hessian.device, dtype=torch.float32).clone()
+    H = hessian.detach().to(device=device or hessian.device, dtype=torch.float32, copy=True)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     upper, damp = inverse_hessian_factor(H, percdamp)

@@ -12,6 +12,14 @@ WIKITEXT = SHARED / "wikitext2_test.txt"
 HELDOUT_DOCS = 300
 
 
+def number_or_text(value: str) -> float | str:
+    """A command-line option value: a number where it reads as one (step=0.05), else the text (pilot=dense)."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 def c4_split(directory: Path, c4: Path = C4) -> tuple[Path, Path]:
     """(calibration parquet of the first 1700 C4 documents, held-out text of the last 300).
 

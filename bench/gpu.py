@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -26,6 +27,9 @@ from mrprune.config import merge
 from mrprune.metrics import SparsityPattern, build_metric
 from mrprune.models import get_adapter
 from mrprune.runner import SequentialPruner
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import number_or_text
 
 GIB = 2**30
 
@@ -91,7 +95,7 @@ def floor(adapter, ids, args, offload: bool) -> dict:
 def mrprune_run(model, ids, args, method: str, offload: bool) -> dict:
     metric, allocation = (method, "uniform") if method in ("magnitude", "wanda", "sparsegpt") else ("wanda", method)
     sparsity = args.sparsity if allocation == "uniform" else args.mrp_sparsity
-    mrp = {f"allocation.mrp.{k}": float(v) for k, v in (p.split("=") for p in args.mrp_options.split())}
+    mrp = {f"allocation.mrp.{k}": number_or_text(v) for k, v in (p.split("=") for p in args.mrp_options.split())}
     config = merge(PruneConfig(), {
         **(mrp if allocation.startswith("mrp") else {}),
         "metric": metric, "sparsity": sparsity, "allocation.method": allocation, "runtime.device": "cuda",
@@ -173,7 +177,7 @@ def main() -> None:
     parser.add_argument("--offload-runs", default=None, help="runs repeated with --offload (default: --runs)")
     parser.add_argument("--offload-activations", action="store_true", help="with --offload, activations on CPU")
     parser.add_argument("--llmc", default="wanda,sparsegpt", help="llm-compressor methods ('' to skip)")
-    parser.add_argument("--mrp-options", default="", help="e.g. 'step=0.1 gamma=0.9 min_step=0.02'")
+    parser.add_argument("--mrp-options", default="", help="e.g. 'step=0.1 gamma=0.9 min_step=0.02 pilot=dense'")
     parser.add_argument("--progress", action="store_true", help="progress bars on stderr")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

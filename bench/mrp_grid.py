@@ -8,7 +8,7 @@ final figures evaluate on WikiText-2 test. Example (tuning):
         --run uniform --run owl --run mrp-fast --run "mrp step=0.05 gamma=0.95 min_step=0.01"
 
 A run is 'METHOD key=value ...'; keys are MrpConfig / OwlConfig / AlphaConfig fields of that method, or
-'granularity' / 'metric'.
+'granularity' / 'metric'; 'file ratios=PATH' prunes to a saved per-block allocation (e.g. another run's).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import C4, WIKITEXT, PeakMemory, c4_split
+from common import C4, WIKITEXT, PeakMemory, c4_split, number_or_text
 
 from mrprune import PruneConfig, prune
 from mrprune.analyze.profile import dense_thresholds, non_outlier_ratios
@@ -44,24 +44,20 @@ def sq_norms(adapter, ids, device, dense_weights=None) -> dict:
 SECTION = {"mrp": "mrp", "mrp-fast": "mrp", "owl": "owl", "alphapruning": "alpha"}
 
 
-def _number_or_text(value: str):
-    try:
-        return float(value)
-    except ValueError:
-        return value
-
-
 def parse_run(spec: str) -> tuple[str, dict]:
     """'mrp step=0.05 granularity=layer' -> ('mrp', {'allocation.mrp.step': 0.05, ...})."""
     method, *pairs = spec.split()
     options: dict = {}
     for pair in pairs:
         key, value = pair.split("=")
-        parsed = None if value == "None" else int(value) if key == "checkpoint_stride" else _number_or_text(value)
-        if key == "granularity":
-            options["allocation.granularity"] = parsed
+        integer = key in ("checkpoint_stride", "batch_size")
+        parsed = None if value == "None" else int(value) if integer else number_or_text(value)
+        if key in ("granularity", "ratios"):  # 'file ratios=PATH' evaluates a saved allocation
+            options[f"allocation.{key}"] = parsed
         elif key == "metric":
             options["metric"] = parsed
+        elif key == "batch_size":  # micro-batch: the same computation in another summation order
+            options["runtime.batch_size"] = parsed
         else:
             options[f"allocation.{SECTION[method]}.{key}"] = parsed
     return method, options
@@ -86,6 +82,8 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/mrprune-bench")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--keep-allocation", action="store_true", help="store each run's whole allocation "
+                        "report in its row (for MRP: thresholds, final ratios and every iteration's trace)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,6 +135,8 @@ def main() -> None:
                        "cv": cv, "cv_m": m,
                        "blocks": [round(b, 4) for b in alloc["block_targets"]],
                        "timings": outcome.report.timings_s, "protocol": ppl.protocol}
+                if args.keep_allocation:
+                    row["allocation"] = alloc
                 rows.append(row)
                 print(f"{name:<8} {sparsity:.2f} {spec:<55} ppl {ppl.perplexity:10.3f} {seconds:7.1f}s "
                       f"{memory.gib:6.2f} GiB it {row['iterations']} cv {row['cv']:.4f}", flush=True)

@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mrprune.metrics import LayerStats, SparsityPattern, Wanda
 from mrprune.redundancy import (RedundancyCurve, UnitCounts, equalize, layer_counts, row_outlier_counts, spread,
@@ -65,3 +67,12 @@ def test_spread():
     result = spread([0.9, 0.95, 1.0])
     assert result["range"] == pytest.approx(0.1)
     assert result["cv"] == pytest.approx(math.sqrt(((0.05**2) * 2) / 3) / 0.95)
+
+
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=30), st.lists(st.integers(0, 40), min_size=1, max_size=10))
+def test_capped_sums_match_the_direct_sum(counts, caps):
+    from mrprune.redundancy import capped_sums
+
+    counts_t, caps_t = torch.tensor(counts), torch.tensor(caps, dtype=torch.float64)
+    expected = [sum(min(c, k) for c in counts) for k in caps]
+    assert capped_sums(counts_t, 40, caps_t).tolist() == expected

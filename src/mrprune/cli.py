@@ -72,9 +72,9 @@ PRUNE_OPTIONS = [
     Option("--mrp-activations", "allocation.mrp.activations", "activations inside a block for its outlier "
            "ratio: from its dense weights (default, as Wanda collects statistics) or its current pruned weights",
            choices=("dense-block", "pruned-block")),
-    Option("--mrp-pilot", "allocation.mrp.pilot", "fast MRP plans from the dense pass's curves (default) or from "
-           "an extra pass over the model pruned uniformly to the start s0, where exact MRP starts",
-           choices=("dense", "start")),
+    Option("--mrp-pilot", "allocation.mrp.pilot", "fast MRP plans from the curves of an extra pass over the "
+           "model pruned to the dense plan (default), pruned uniformly to the start s0, or from the dense pass "
+           "alone (cheapest)", choices=("plan", "start", "dense")),
     Option("--mrp-checkpoint-stride", "allocation.mrp.checkpoint_stride", "cache every k-th block's inputs to "
            "re-run MRP from the changed block (0: as memory allows)", type=int),
     Option("--calib", "calibration.source", "calibration text: a .txt/.jsonl/.parquet file, a hub dataset "

@@ -85,9 +85,10 @@ class MrpConfig:
     gamma: float = 0.95
     checkpoint_stride: int = 0
     activations: str = "dense-block"
-    #: fast MRP's planning curves: "dense" (the dense pass) or "start" (an extra pass over the model pruned
-    #: uniformly to s0, the state exact MRP starts from)
-    pilot: str = "dense"
+    #: fast MRP's planning curves: "plan" (an extra pass over the model pruned to the dense pass's plan, close
+    #: to the end state), "start" (an extra pass over the model pruned uniformly to s0, where exact MRP starts)
+    #: or "dense" (the dense pass's curves, no extra pass)
+    pilot: str = "plan"
 
 
 @dataclass
@@ -150,7 +151,7 @@ class PruneConfig:
         _check_choice("allocation.method", self.allocation.method, ALLOCATORS)
         _check_choice("allocation.granularity", self.allocation.granularity, ("block", "layer"))
         _check_choice("allocation.mrp.activations", self.allocation.mrp.activations, ("dense-block", "pruned-block"))
-        _check_choice("allocation.mrp.pilot", self.allocation.mrp.pilot, ("dense", "start"))
+        _check_choice("allocation.mrp.pilot", self.allocation.mrp.pilot, ("plan", "start", "dense"))
         _check_choice("evaluation.bos", self.evaluation.bos, ("auto", "always", "never"))
         pattern = SparsityPattern.parse(self.pattern)
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:

@@ -72,6 +72,17 @@ def row_outlier_counts(weight: torch.Tensor, sq_norm: torch.Tensor, tau: float) 
 GRID = torch.linspace(0.0, 1.0, 2001, dtype=torch.float64)
 
 
+def capped_sums(counts: torch.Tensor, width: int, caps: torch.Tensor) -> torch.Tensor:
+    """sum_r min(counts_r, k) for every k in ``caps`` (integers in [0, width]), from the histogram of the counts:
+    rows below k add their count, the others k. O(width + len(caps)) instead of O(rows x len(caps))."""
+    hist = torch.bincount(counts.to("cpu", torch.long), minlength=width + 1).to(torch.float64)
+    values = torch.arange(width + 1, dtype=torch.float64)
+    rows_below = torch.cumsum(hist, 0) - hist  # rows with a count < k
+    sum_below = torch.cumsum(hist * values, 0) - hist * values
+    k = caps.to(torch.long)
+    return sum_below[k] + caps.to(torch.float64) * (counts.numel() - rows_below[k])
+
+
 @dataclass
 class RedundancyCurve:
     """A unit's outlier ratio as a function of its own sparsity, predicted from per-row outlier counts.
@@ -90,7 +101,7 @@ class RedundancyCurve:
         survivors = torch.zeros_like(GRID)
         for counts, width in self.layers:
             kept = width - torch.floor(width * GRID)
-            outliers += torch.minimum(counts.to(torch.float64)[None, :], kept[:, None]).sum(1)
+            outliers += capped_sums(counts, width, kept)
             survivors += kept * counts.numel()
         self._outliers = outliers
         self._survivors = survivors

@@ -1,18 +1,24 @@
-"""Fast MRP: the fixed point of Maximum Redundancy Pruning in two passes instead of one pass per iteration.
+"""Fast MRP: the fixed point of Maximum Redundancy Pruning in a few passes instead of one pass per iteration.
 
 Exact MRP raises the least-outlier unit step by step until the target, so at the end every unit it raised has
 (about) the same outlier ratio D, units it never raised sit at the start s0 with a higher D, and units at s_max
 a lower one. Because each row loses its lowest scores first, a unit's D as a function of its own sparsity is
-predictable from its per-row outlier counts (``RedundancyCurve``). So:
+predictable from its per-row outlier counts (``RedundancyCurve``). What is not predictable from one unit alone
+is how pruning the blocks before it moves its counts (its "drift"), and the loop's end state depends on the
+curves measured with the FINAL upstream blocks. So:
 
 1. dense pass (the one exact MRP also needs for its thresholds): thresholds tau and one curve per unit;
    ``equalize`` solves for the sparsities that give every free unit the same D with the target's weighted mean
    (a water-filling over [s0, s_max]);
-2. one sequential pruning pass: at each block the curves of its units are recomputed from the TRUE inputs
+2. pilot pass (``pilot="plan"``, the default): the model pruned to that first plan only to move the
+   activations on (every block restored afterwards), each unit's curve measured with pruned upstream blocks,
+   i.e. close to the end state; the plan is re-solved on these curves. ``pilot="start"`` measures them on the
+   model pruned uniformly to s0 instead (where the exact loop starts); ``pilot="dense"`` skips the pass;
+3. one sequential pruning pass: at each block the curves of its units are recomputed from the TRUE inputs
    (pruned upstream), the curves of later units are scaled by the drift measured so far, the plan is re-solved
    with the earlier units fixed, and the block is pruned to its planned sparsity.
 
-Cost: one dense pass plus one pruning pass, i.e. about 1.5x a uniform run, whatever the step schedule.
+Cost: about 2.5x a uniform run with the pilot, 1.5x without, whatever the step schedule.
 """
 
 from __future__ import annotations
@@ -63,11 +69,11 @@ class FastMrpRun:
             taus, dense_curves = zip(*per_unit_on_device(pruner, self.units, dense_curve))
             self.tau, dense_curves = list(taus), list(dense_curves)
         start, _ = pruner.restore()  # after the dense pass: thresholds and dense curves come from dense weights
-        if opt.pilot == "start":
-            dense_curves = self.pilot_curves(start)
+        if opt.pilot != "dense":
+            dense_curves = self.pilot_curves(start, dense_curves)
         with pruner.timer.phase("masks"):
-            dense_plan = equalize(dense_curves, self.target, self.s0, opt.smax)
-        curves = list(dense_curves)  # a fixed unit's curve only lends its size to the plan: dense is enough
+            first_plan = equalize(dense_curves, self.target, self.s0, opt.smax)
+        curves = list(dense_curves)  # a fixed unit's curve only lends its size to the plan: any is enough
         goal = round(self.target * sum(u.numel for u in self.units))
         done = 0
         fixed: dict[int, float] = {}
@@ -107,7 +113,7 @@ class FastMrpRun:
                         targets.update({ref.name: counts[ref.name] / ref.numel for ref in unit.layers})
                         done += sum(counts.values())
                         fixed[unit.index] = sum(counts.values()) / unit.numel
-                        self.trace.append({"unit": unit.label(), "dense_plan": round(dense_plan[unit.index], 6),
+                        self.trace.append({"unit": unit.label(), "first_plan": round(first_plan[unit.index], 6),
                                            "sparsity": round(fixed[unit.index], 6), "drift": round(scale, 4)})
                 pruner.prune_layers(layers, targets, stats)
                 del stats
@@ -126,27 +132,33 @@ class FastMrpRun:
                 "final_ratios": final_ratios, "trace": self.trace})
         return self.result(final_ratios)
 
-    def pilot_curves(self, start: int) -> list[RedundancyCurve]:
-        """The start-state curves: computed before the first block is pruned and kept in the checkpoint, so a
-        resumed run plans with the very same curves."""
+    def pilot_curves(self, start: int, dense_curves: list[RedundancyCurve]) -> list[RedundancyCurve]:
+        """The planning curves of the pilot pass: computed before the first block is pruned and kept in the
+        checkpoint, so a resumed run plans with the very same curves."""
         ckpt = self.pruner.checkpoint
         if start:
             saved = ckpt.load_tensors(PILOT_FILE)
             return [RedundancyCurve([(saved[f"{unit.index}.{j}"], ref.in_features)
                                      for j, ref in enumerate(unit.layers)]) for unit in self.units]
-        curves = self.start_curves()
+        if self.opt.pilot == "start":
+            sparsities = [self.s0] * len(self.units)
+        else:
+            with self.pruner.timer.phase("masks"):
+                sparsities = equalize(dense_curves, self.target, self.s0, self.opt.smax)
+        curves = self.curves_pruned_to(sparsities)
         if ckpt is not None:
             ckpt.save_tensors(PILOT_FILE, {f"{unit.index}.{j}": counts for unit, curve in zip(self.units, curves)
                                            for j, (counts, _) in enumerate(curve.layers)})
         return curves
 
-    def start_curves(self) -> list[RedundancyCurve]:
-        """Every unit's curve on the model pruned uniformly to s0 upstream of it, the state exact MRP starts
-        from: one extra pass that prunes each block to s0 only to advance the activations, then restores it."""
+    def curves_pruned_to(self, sparsities: list[float]) -> list[RedundancyCurve]:
+        """Every unit's curve with the blocks upstream of it pruned to ``sparsities`` (one per unit): one extra
+        pass that prunes each block only to advance the activations, then restores it."""
         pruner, metric = self.pruner, self.pruner.metric
+        unit_of = {ref.name: unit.index for unit in self.units for ref in unit.layers}
         curves: list[RedundancyCurve | None] = [None] * len(self.units)
         acts = pruner.capture(self.input_ids)
-        for block in tqdm(range(self.adapter.num_blocks), desc="fast MRP pilot at s0", unit="block",
+        for block in tqdm(range(self.adapter.num_blocks), desc=f"fast MRP pilot ({self.opt.pilot})", unit="block",
                           disable=not pruner.progress):
             layers = self.adapter.linear_layers(block)
             pruner._block_on_device(block)
@@ -156,13 +168,13 @@ class FastMrpRun:
                     norms = {name: s.sq_norm for name, s in stats.items()}
                     for unit in self.by_block[block]:
                         curves[unit.index] = unit_curve(unit, norms, self.tau[unit.index])
-                    start_weights = {}
+                    pilot_weights = {}
                     for ref in layers:
                         weight = ref.weight.to(torch.float32)
-                        start_weights[ref.name] = metric.prune(weight, stats[ref.name], self.s0, pruner.pattern,
-                                                               forced=weight == 0).weight
+                        pilot_weights[ref.name] = metric.prune(weight, stats[ref.name], sparsities[unit_of[ref.name]],
+                                                               pruner.pattern, forced=weight == 0).weight
                 del stats
-                with pruner.weights_of(block, start_weights):
+                with pruner.weights_of(block, pilot_weights):
                     pruner.advance(acts, phase="pilot")
             finally:
                 pruner._release(block)

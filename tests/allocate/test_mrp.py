@@ -209,3 +209,24 @@ def test_fast_mrp_agrees_with_exact_on_the_most_redundant_block():
     for allocation in (exact, fast):
         assert allocation.block_targets[1] == max(allocation.block_targets)
     assert max(abs(a - b) for a, b in zip(exact.block_targets, fast.block_targets)) < 0.05
+
+
+def test_pilot_curves_see_the_pruned_upstream_and_leave_the_model_dense():
+    from mrprune.allocate.mrp import unit_counts
+    from mrprune.allocate.mrp_fast import FastMrpRun, unit_curve
+    from mrprune.redundancy import thresholds
+
+    base = mrp_run(target=0.6, s0=0.5)
+    run = FastMrpRun(base.opt, base.ctx, base.pruner, IDS)
+    before = {ref.name: ref.weight.clone() for ref in run.adapter.all_linear_layers()}
+    dense = {name: s.sq_norm for name, s in base.ctx.dense_stats().items()}
+    run.tau = thresholds([unit_counts(u, dense, None) for u in run.units], 1.0)  # M 1: many outliers to move
+    dense_curves = [unit_curve(u, dense, run.tau[u.index]) for u in run.units]
+    unpruned = run.curves_pruned_to([0.0] * len(run.units))
+    pruned = run.curves_pruned_to([0.9] * len(run.units))
+    for ref in run.adapter.all_linear_layers():
+        assert torch.equal(ref.weight, before[ref.name])  # each block pruned only to move on, then restored
+    for dense_curve, curve in zip(dense_curves, unpruned):  # nothing pruned upstream: the dense curves
+        assert torch.allclose(curve.ratios(), dense_curve.ratios())
+    assert torch.allclose(pruned[0].ratios(), dense_curves[0].ratios())  # block 0 has no upstream
+    assert any(not torch.allclose(p.ratios(), d.ratios()) for p, d in zip(pruned[1:], dense_curves[1:]))

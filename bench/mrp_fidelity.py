@@ -33,7 +33,7 @@ from mrprune.allocate.mrp_fast import unit_curve
 from mrprune.config import merge
 from mrprune.data import read_corpus, sample_calibration
 from mrprune.models import load_model
-from mrprune.redundancy import equalize, thresholds
+from mrprune.redundancy import equalize
 
 
 def distance(blocks: list[float], reference: list[float]) -> str:
@@ -49,9 +49,7 @@ class PlanRounds(mrp_fast.FastMrpRun):
 
     def run(self):
         pruner, opt = self.pruner, self.opt
-        dense = {name: stats.sq_norm for name, stats in self.ctx.dense_stats().items()}
-        self.tau = thresholds([mrp.unit_counts(u, dense, None) for u in self.units], opt.m)
-        curves = [unit_curve(u, dense, self.tau[u.index]) for u in self.units]
+        curves = self.dense_curves()
         pruner.restore()
         plan = equalize(curves, self.target, self.s0, opt.smax)
         self.plans.append(plan)
@@ -78,9 +76,8 @@ class EpochMrp(mrp.MrpRun):
             epoch_goal = goal if epoch == self.epochs else first + round(epoch * (goal - first) / self.epochs)
             changed = set()
             while done < epoch_goal:
-                ratio = {u.index: curves[u.index].outlier_ratio(zeros[u.index] / u.numel) for u in self.units}
-                unit = min((u for u in self.units if zeros[u.index] < caps[u.index]),
-                           key=lambda u: (ratio[u.index], u.index))
+                ratios = [1 - curves[u.index].outlier_ratio(zeros[u.index] / u.numel) for u in self.units]
+                unit = mrp.most_redundant(self.units, ratios, zeros, caps)
                 step = max(self.opt.step * self.opt.gamma**t, self.opt.min_step)
                 add = max(1, min(round(step * unit.numel), caps[unit.index] - zeros[unit.index], epoch_goal - done))
                 zeros[unit.index] += add

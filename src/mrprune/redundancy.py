@@ -105,6 +105,7 @@ class RedundancyCurve:
             survivors += kept * counts.numel()
         self._outliers = outliers
         self._survivors = survivors
+        self._ratios: torch.Tensor | None = None  # D on the grid, computed on first use (equalize asks often)
 
     @property
     def numel(self) -> int:
@@ -114,12 +115,15 @@ class RedundancyCurve:
         """The same curve with its outlier counts multiplied by ``scale`` (the grid is shared, not rebuilt)."""
         twin = copy.copy(self)
         twin.scale = scale
+        twin._ratios = None
         return twin
 
     def ratios(self) -> torch.Tensor:
         """D on the grid (1 where nothing survives)."""
-        ratio = torch.where(self._survivors > 0, self.scale * self._outliers / self._survivors.clamp(min=1), 1.0)
-        return torch.cummax(ratio.clamp(max=1.0), 0).values
+        if self._ratios is None:
+            ratio = torch.where(self._survivors > 0, self.scale * self._outliers / self._survivors.clamp(min=1), 1.0)
+            self._ratios = torch.cummax(ratio.clamp(max=1.0), 0).values
+        return self._ratios
 
     def outlier_ratio(self, sparsity: float) -> float:
         return float(self.ratios()[int(round(sparsity * (len(GRID) - 1)))])

@@ -60,20 +60,13 @@ class FastMrpRun:
 
     def run(self) -> tuple[Allocation, list[LayerRecord]]:
         pruner, opt = self.pruner, self.opt
-        dense = {name: stats.sq_norm for name, stats in self.ctx.dense_stats().items()}
-        with pruner.timer.phase("masks"):
-            def dense_curve(unit: Unit) -> tuple[float, RedundancyCurve]:
-                tau = thresholds([unit_counts(unit, dense, None)], opt.m)[0]
-                return tau, unit_curve(unit, dense, tau)
-
-            taus, dense_curves = zip(*per_unit_on_device(pruner, self.units, dense_curve))
-            self.tau, dense_curves = list(taus), list(dense_curves)
+        planning = self.dense_curves()
         start, _ = pruner.restore()  # after the dense pass: thresholds and dense curves come from dense weights
         if opt.pilot != "dense":
-            dense_curves = self.pilot_curves(start, dense_curves)
+            planning = self.pilot_curves(start, planning)
         with pruner.timer.phase("masks"):
-            first_plan = equalize(dense_curves, self.target, self.s0, opt.smax)
-        curves = list(dense_curves)  # a fixed unit's curve only lends its size to the plan: any is enough
+            first_plan = equalize(planning, self.target, self.s0, opt.smax)
+        curves = list(planning)  # a fixed unit's curve only lends its size to the plan: any is enough
         goal = round(self.target * sum(u.numel for u in self.units))
         done = 0
         fixed: dict[int, float] = {}
@@ -99,11 +92,11 @@ class FastMrpRun:
                     for unit in units:
                         curves[unit.index] = unit_curve(unit, current, self.tau[unit.index])
                         drift_true += curves[unit.index].outlier_ratio(self.s0)
-                        drift_dense += dense_curves[unit.index].outlier_ratio(self.s0)
+                        drift_dense += planning[unit.index].outlier_ratio(self.s0)
                     scale = drift_true / drift_dense if drift_dense else 1.0
                     for later in self.units:
                         if later.block > block:
-                            curves[later.index] = dense_curves[later.index].scaled(scale)
+                            curves[later.index] = planning[later.index].scaled(scale)
                     plan = equalize(curves, self.target, self.s0, opt.smax, fixed)
                     targets = {}
                     for i, unit in enumerate(units):
@@ -131,6 +124,18 @@ class FastMrpRun:
                 "done": done, "fixed": fixed, "drift_true": drift_true, "drift_dense": drift_dense,
                 "final_ratios": final_ratios, "trace": self.trace})
         return self.result(final_ratios)
+
+    def dense_curves(self) -> list[RedundancyCurve]:
+        """Every unit's curve on the dense model (the dense pass's statistics), setting the thresholds tau."""
+        dense = {name: stats.sq_norm for name, stats in self.ctx.dense_stats().items()}
+        with self.pruner.timer.phase("masks"):
+            def dense_curve(unit: Unit) -> tuple[float, RedundancyCurve]:
+                tau = thresholds([unit_counts(unit, dense, None)], self.opt.m)[0]
+                return tau, unit_curve(unit, dense, tau)
+
+            taus, curves = zip(*per_unit_on_device(self.pruner, self.units, dense_curve))
+        self.tau = list(taus)
+        return list(curves)
 
     def pilot_curves(self, start: int, dense_curves: list[RedundancyCurve]) -> list[RedundancyCurve]:
         """The planning curves of the pilot pass: computed before the first block is pruned and kept in the

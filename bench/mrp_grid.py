@@ -8,7 +8,9 @@ final figures evaluate on WikiText-2 test. Example (tuning):
         --run uniform --run owl --run mrp-fast --run "mrp step=0.05 gamma=0.95 min_step=0.01"
 
 A run is 'METHOD key=value ...'; keys are MrpConfig / OwlConfig / AlphaConfig fields of that method, or
-'granularity' / 'metric'; 'file ratios=PATH' prunes to a saved per-block allocation (e.g. another run's).
+'granularity' / 'metric'; 'file ratios=PATH' prunes to a saved per-block allocation (e.g. another run's);
+'file from=RUN' prunes, in one shot, to the per-layer allocation an earlier run of this model and sparsity in the
+same process ended with (e.g. 'file from=mrp': the exact loop's allocation without its step-by-step masks).
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ def parse_run(spec: str) -> tuple[str, dict]:
         key, value = pair.split("=")
         integer = key in ("checkpoint_stride", "batch_size")
         parsed = None if value == "None" else int(value) if integer else number_or_text(value)
-        if key in ("granularity", "ratios"):  # 'file ratios=PATH' evaluates a saved allocation
+        if key == "from":  # resolved by main() once that run has happened
+            options["from"] = value
+        elif key in ("granularity", "ratios"):  # 'file ratios=PATH' evaluates a saved allocation
             options[f"allocation.{key}"] = parsed
         elif key == "metric":
             options["metric"] = parsed
@@ -82,6 +86,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/mrprune-bench")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     parser.add_argument("--keep-allocation", action="store_true", help="store each run's whole allocation "
                         "report in its row (for MRP: thresholds, final ratios and every iteration's trace)")
     args = parser.parse_args()
@@ -100,7 +105,7 @@ def main() -> None:
         model, tok = loaded.model, loaded.tokenizer
         adapter = get_adapter(model)
         dense = {ref.name: ref.weight.detach().to("cpu", copy=True) for ref in adapter.all_linear_layers()}
-        ids = sample_calibration(read_corpus(str(calib_file), "calibration"), tok, args.nsamples, args.seqlen, 0)
+        ids = sample_calibration(read_corpus(str(calib_file), "calibration"), tok, args.nsamples, args.seqlen, args.seed)
         device = resolve_device(args.device)
         dense_norms = sq_norms(adapter, ids, device)
         taus = {}  # outlier thresholds per M: the spread of a run is measured with its own M
@@ -111,8 +116,17 @@ def main() -> None:
                          "protocol": ppl.protocol})
             print(f"{name:<8} 0.00 {'dense':<55} ppl {ppl.perplexity:10.3f}", flush=True)
         for sparsity in [float(s) for s in args.sparsities.split(",")]:
+            layer_ratios = {}  # run spec -> the per-layer sparsities it ended with
             for spec in args.run:
                 method, options = parse_run(spec)
+                if "from" in options:
+                    source = options.pop("from")
+                    if source not in layer_ratios:
+                        parser.error(f"'{spec}': no earlier run '{source}' at sparsity {sparsity}")
+                    saved = Path(args.work) / f"{name}-{sparsity}-{source.replace(' ', '_')}.json"
+                    saved.parent.mkdir(parents=True, exist_ok=True)
+                    saved.write_text(json.dumps({"layers": layer_ratios[source]}))
+                    options["allocation.ratios"] = str(saved)
                 for ref in adapter.all_linear_layers():
                     ref.set_weight(dense[ref.name])
                 config = merge(PruneConfig(), {"metric": args.metric, "sparsity": sparsity,
@@ -130,7 +144,8 @@ def main() -> None:
                 ppl = perplexity(model, tok, corpus, args.eval_seqlen, args.max_windows, device=device,
                                  progress=False)
                 alloc = outcome.report.allocation
-                row = {"model": name, "sparsity": sparsity, "run": spec, "ppl": ppl.perplexity,
+                layer_ratios[spec] = {layer["name"]: layer["sparsity"] for layer in outcome.report.layers}
+                row = {"model": name, "sparsity": sparsity, "seed": args.seed, "run": spec, "ppl": ppl.perplexity,
                        "seconds": round(seconds, 2), "peak_gib": memory.gib, "iterations": alloc.get("iterations"),
                        "cv": cv, "cv_m": m,
                        "blocks": [round(b, 4) for b in alloc["block_targets"]],

@@ -177,7 +177,7 @@ def deep_dir(tmp_path, tokenizer):
     return path
 
 
-#: the CLI, holding after each saved block while the file $HOLD exists (at most 60 s), so the signal lands
+#: the CLI, holding after each saved block while the file $HOLD exists (at most 300 s), so the signal lands
 #: midway however fast or loaded the machine is; SIGINT handled as in a terminal (a shell's background job
 #: inherits it ignored)
 SLOW_CLI = """
@@ -188,7 +188,7 @@ commit = c.Checkpoint.commit
 def held_commit(self, *args, **kwargs):
     commit(self, *args, **kwargs)
     start = time.monotonic()
-    while os.path.exists(os.environ["HOLD"]) and time.monotonic() - start < 60:
+    while os.path.exists(os.environ["HOLD"]) and time.monotonic() - start < 300:
         time.sleep(0.01)
 c.Checkpoint.commit = held_commit
 from mrprune.cli import main
@@ -216,7 +216,7 @@ def run_and_signal(command, ckpt, sig, after_block):
     hold.touch()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HOLD": str(hold)}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # a loaded machine can take minutes to import, load and calibrate
     block = None
     while time.monotonic() < deadline and process.poll() is None:
         block = next_block(ckpt)

@@ -75,6 +75,9 @@ PRUNE_OPTIONS = [
     Option("--mrp-pilot", "allocation.mrp.pilot", "fast MRP plans from the curves of an extra pass over the "
            "model pruned to the dense plan (default), pruned uniformly to the start s0, or from the dense pass "
            "alone (cheapest)", choices=("plan", "start", "dense")),
+    Option("--mrp-masks", "allocation.mrp.masks", "fast MRP prunes each block first to s0 with the dense "
+           "model's statistics, then to its share (default, nested like the exact loop's masks; Wanda), or "
+           "straight to its share", choices=("nested", "one-shot")),
     Option("--mrp-checkpoint-stride", "allocation.mrp.checkpoint_stride", "cache every k-th block's inputs to "
            "re-run MRP from the changed block (0: as memory allows)", type=int),
     Option("--calib", "calibration.source", "calibration text: a .txt/.jsonl/.parquet file, a hub dataset "

@@ -89,6 +89,10 @@ class MrpConfig:
     #: to the end state), "start" (an extra pass over the model pruned uniformly to s0, where exact MRP starts)
     #: or "dense" (the dense pass's curves, no extra pass)
     pilot: str = "plan"
+    #: fast MRP's masks: "nested" (each block first pruned to s0 with the dense model's statistics, then to its
+    #: plan with its current ones, so its mask holds an earlier one as the exact loop's masks do; Wanda) or
+    #: "one-shot" (straight to the plan)
+    masks: str = "nested"
 
 
 @dataclass
@@ -152,6 +156,7 @@ class PruneConfig:
         _check_choice("allocation.granularity", self.allocation.granularity, ("block", "layer"))
         _check_choice("allocation.mrp.activations", self.allocation.mrp.activations, ("dense-block", "pruned-block"))
         _check_choice("allocation.mrp.pilot", self.allocation.mrp.pilot, ("plan", "start", "dense"))
+        _check_choice("allocation.mrp.masks", self.allocation.mrp.masks, ("nested", "one-shot"))
         _check_choice("evaluation.bos", self.evaluation.bos, ("auto", "always", "never"))
         pattern = SparsityPattern.parse(self.pattern)
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:

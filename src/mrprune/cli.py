@@ -19,7 +19,7 @@ from typing import Any
 
 from . import __version__
 from .allocate import ALLOCATORS
-from .config import PruneConfig, check_positive, dump_config, load_config, merge
+from .config import CHOICES, PruneConfig, check_positive, dump_config, load_config, merge
 from .errors import ConfigError, Interrupted, MrpruneError
 from .metrics import METRICS
 
@@ -37,7 +37,7 @@ class Option:
     path: str  # dotted PruneConfig field
     help: str
     type: Any = str
-    choices: Any = None
+    choices: Any = None  # default: the config's own choices for ``path`` (config.CHOICES), if any
     flag_only: bool = False  # a switch: present means ``const``
     const: Any = True
 
@@ -52,8 +52,7 @@ PRUNE_OPTIONS = [
     Option("--allocation", "allocation.method", "how much each block is pruned (default uniform)",
            choices=sorted(ALLOCATORS)),
     Option("--ratios", "allocation.ratios", "JSON/YAML ratios for --allocation file"),
-    Option("--granularity", "allocation.granularity", "allocate per block (default) or per linear layer",
-           choices=("block", "layer")),
+    Option("--granularity", "allocation.granularity", "allocate per block (default) or per linear layer"),
     Option("--owl-m", "allocation.owl.m", "OWL outlier threshold, multiple of the block mean score (default 5)",
            type=float),
     Option("--owl-lambda", "allocation.owl.lam", "OWL spread of block ratios around the target (default 0.08)",
@@ -70,14 +69,13 @@ PRUNE_OPTIONS = [
     Option("--mrp-min-step", "allocation.mrp.min_step", "MRP smallest step (default 0.005)", type=float),
     Option("--mrp-gamma", "allocation.mrp.gamma", "MRP step decay per iteration (default 0.95)", type=float),
     Option("--mrp-activations", "allocation.mrp.activations", "activations inside a block for its outlier "
-           "ratio: from its dense weights (default, as Wanda collects statistics) or its current pruned weights",
-           choices=("dense-block", "pruned-block")),
+           "ratio: from its dense weights (default, as Wanda collects statistics) or its current pruned weights"),
     Option("--mrp-pilot", "allocation.mrp.pilot", "fast MRP plans from the curves of an extra pass over the "
            "model pruned to the dense plan (default), pruned uniformly to the start s0, or from the dense pass "
-           "alone (cheapest)", choices=("plan", "start", "dense")),
+           "alone (cheapest)"),
     Option("--mrp-masks", "allocation.mrp.masks", "fast MRP prunes each block first to s0 with the dense "
            "model's statistics, then to its share (default, nested like the exact loop's masks; Wanda), or "
-           "straight to its share", choices=("nested", "one-shot")),
+           "straight to its share"),
     Option("--mrp-checkpoint-stride", "allocation.mrp.checkpoint_stride", "cache every k-th block's inputs to "
            "re-run MRP from the changed block (0: as memory allows)", type=int),
     Option("--calib", "calibration.source", "calibration text: a .txt/.jsonl/.parquet file, a hub dataset "
@@ -115,7 +113,7 @@ PRUNE_OPTIONS = [
     Option("--eval-seqlen", "evaluation.seqlen", "tokens per evaluation window (default 2048)", type=int),
     Option("--max-windows", "evaluation.max_windows", "evaluate at most this many windows", type=int),
     Option("--bos", "evaluation.bos", "BOS at the start of every window: auto (if the tokenizer adds one), "
-           "always, never", choices=("auto", "always", "never")),
+           "always, never"),
     Option("--tasks", "evaluation.tasks", "zero-shot lm-eval tasks run on the pruned model, comma-separated "
            "(e.g. rte,hellaswag); needs pip install 'mrprune[eval]'"),
     Option("--limit", "evaluation.limit", "zero-shot: at most this many items per task (default all)", type=int),
@@ -134,8 +132,9 @@ def _add_option(parser: argparse.ArgumentParser, option: Option) -> None:
         parser.add_argument(option.flag, dest=dest, action="store_const", const=option.const, default=None,
                             help=option.help)
     else:
-        parser.add_argument(option.flag, dest=dest, type=option.type, choices=option.choices, default=None,
-                            help=option.help, metavar=None if option.choices else option.flag.lstrip("-").upper())
+        choices = option.choices or CHOICES.get(option.path)
+        parser.add_argument(option.flag, dest=dest, type=option.type, choices=choices, default=None,
+                            help=option.help, metavar=None if choices else option.flag.lstrip("-").upper())
 
 
 def config_from_args(args: argparse.Namespace) -> PruneConfig:
@@ -251,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "online, else embedded)")
     e.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
-    e.add_argument("--bos", choices=("auto", "always", "never"), default="auto", help="BOS per window")
+    e.add_argument("--bos", choices=CHOICES["evaluation.bos"], default="auto", help="BOS per window")
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", default="auto")
     e.add_argument("--offload", action="store_true", help="stream blocks to the device one at a time")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import types
 import typing
@@ -153,11 +154,8 @@ class PruneConfig:
 
         _check_choice("metric", self.metric, METRICS)
         _check_choice("allocation.method", self.allocation.method, ALLOCATORS)
-        _check_choice("allocation.granularity", self.allocation.granularity, ("block", "layer"))
-        _check_choice("allocation.mrp.activations", self.allocation.mrp.activations, ("dense-block", "pruned-block"))
-        _check_choice("allocation.mrp.pilot", self.allocation.mrp.pilot, ("plan", "start", "dense"))
-        _check_choice("allocation.mrp.masks", self.allocation.mrp.masks, ("nested", "one-shot"))
-        _check_choice("evaluation.bos", self.evaluation.bos, ("auto", "always", "never"))
+        for path, choices in CHOICES.items():
+            _check_choice(path, functools.reduce(getattr, path.split("."), self), choices)
         pattern = SparsityPattern.parse(self.pattern)
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
@@ -198,6 +196,16 @@ def _check_zeroshot(e: EvalConfig) -> None:
         raise ConfigError(f"evaluation.num_fewshot must be a non-negative integer, got {e.num_fewshot!r}")
     if e.tasks is None and (e.limit is not None or e.task_data is not None or e.num_fewshot):
         raise ConfigError("evaluation.limit, num_fewshot and task_data apply to zero-shot tasks: set --tasks too")
+
+
+#: the text options with a fixed set of values, by dotted path (the CLI offers the same choices)
+CHOICES = {
+    "allocation.granularity": ("block", "layer"),
+    "allocation.mrp.activations": ("dense-block", "pruned-block"),
+    "allocation.mrp.pilot": ("plan", "start", "dense"),
+    "allocation.mrp.masks": ("nested", "one-shot"),
+    "evaluation.bos": ("auto", "always", "never"),
+}
 
 
 def _check_choice(name: str, value: str, choices) -> None:

@@ -7,7 +7,8 @@
 # Usage: bench/h200_fast_vs_exact_seeds.sh OUT_DIR DATA_DIR LIMIT "SPARSITIES" "SEEDS" NAME=MODEL_PATH [...]
 set -u
 out=$1; data=$2; limit=$3; sparsities=$4; seeds=$5; shift 5
-mkdir -p "$out"
+logs=${TMPDIR:-/tmp}/fast_vs_exact_seeds  # beside OUT, not in it: a device call returns at most 8 files
+mkdir -p "$out" "$logs"
 here=$(cd "$(dirname "$0")" && pwd)
 for model in "$@"; do
     name=${model%%=*}
@@ -17,9 +18,9 @@ for model in "$@"; do
             OMP_NUM_THREADS=1 timeout "$limit" python "$here/mrp_grid.py" --model "$model" --eval wikitext \
                 --sparsities "$s" --seed "$seed" --nsamples 8 --seqlen 512 --max-windows 16 --device cuda \
                 --data "$data" --work "/tmp/grid-$tag" --json "$out/$tag.json" \
-                --run uniform --run mrp-fast --run mrp --run "file from=mrp" > "/tmp/$tag.log" 2>&1 &
+                --run uniform --run mrp-fast --run mrp --run "file from=mrp" > "$logs/$tag.log" 2>&1 &
         done
     done
 done
 wait
-for log in /tmp/*-seed*.log; do tail -n 4 "$log"; done
+for log in "$logs"/*.log; do tail -n 4 "$log"; done

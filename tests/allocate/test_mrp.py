@@ -233,22 +233,22 @@ def test_pilot_curves_see_the_pruned_upstream_and_leave_the_model_dense():
 
 
 @pytest.mark.parametrize("masks", ["nested", "one-shot"])
-def test_fast_mrp_nested_masks_hold_the_dense_start_mask(masks):
+def test_fast_mrp_nested_masks_hold_the_dense_start_mask(masks, device):
     """Nested (the default): every layer's final mask contains Wanda's mask at s0 from the dense statistics, as
     the exact loop's masks contain its uniform start; one-shot masks come from the current statistics alone."""
     from mrprune.allocate.mrp_fast import FastMrpRun
     from mrprune.metrics.masks import select_mask
     from mrprune.metrics.wanda import wanda_scores
 
-    base = mrp_run(target=0.6, s0=0.5, smax=0.8, masks=masks)
+    base = mrp_run(target=0.6, s0=0.5, smax=0.8, masks=masks, device=device)
     adapter = base.adapter
     dense = base.ctx.dense_stats()
-    start = {ref.name: select_mask(wanda_scores(ref.weight.float(), dense[ref.name].sq_norm), 0.5, SparsityPattern(),
-                                   group="row") for ref in adapter.all_linear_layers()}
+    start = {ref.name: select_mask(wanda_scores(ref.weight.float().cpu(), dense[ref.name].sq_norm.cpu()), 0.5,
+                                   SparsityPattern(), group="row") for ref in adapter.all_linear_layers()}
     allocation, records = FastMrpRun(base.opt, base.ctx, base.pruner, IDS).run()
     assert allocation.details["masks"] == masks
     assert sum(r.zeros for r in records) == round(0.6 * sum(r.numel for r in records))
-    held = {ref.name: bool((ref.weight[start[ref.name]] == 0).all()) for ref in adapter.all_linear_layers()}
+    held = {ref.name: bool((ref.weight.cpu()[start[ref.name]] == 0).all()) for ref in adapter.all_linear_layers()}
     if masks == "nested":
         assert all(held.values())
     else:  # downstream statistics moved with the pruned upstream blocks: some start weights survive

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -68,7 +67,7 @@ class EpochMrp(mrp.MrpRun):
         goal = round(self.target * sum(u.numel for u in self.units))
         zeros = {u.index: u.zeros() for u in self.units}
         first = done = sum(zeros.values())
-        caps = {u.index: math.floor(self.opt.smax * u.numel) for u in self.units}
+        caps = mrp.smax_caps(self.units, self.opt.smax)
         t = 0
         for epoch in range(1, self.epochs + 1):
             self.refresh()
@@ -78,8 +77,7 @@ class EpochMrp(mrp.MrpRun):
             while done < epoch_goal:
                 ratios = [1 - curves[u.index].outlier_ratio(zeros[u.index] / u.numel) for u in self.units]
                 unit = mrp.most_redundant(self.units, ratios, zeros, caps)
-                step = max(self.opt.step * self.opt.gamma**t, self.opt.min_step)
-                add = max(1, min(round(step * unit.numel), caps[unit.index] - zeros[unit.index], epoch_goal - done))
+                _, add = mrp.next_step(self.opt, t, unit.numel, caps[unit.index] - zeros[unit.index], epoch_goal - done)
                 zeros[unit.index] += add
                 done += add
                 t += 1

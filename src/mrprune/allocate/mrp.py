@@ -361,12 +361,11 @@ class MrpRun:
         while done < goal:
             self.refresh()
             ratios = self.ratios()
-            caps = {u.index: math.floor(self.opt.smax * u.numel) for u in self.units}
+            caps = smax_caps(self.units, self.opt.smax)
             unit = most_redundant(self.units, ratios, zeros, caps)
             if unit is None:
                 raise ConfigError(f"every unit reached s_max={self.opt.smax} before the target {self.target}")
-            step = max(self.opt.step * self.opt.gamma**t, self.opt.min_step)
-            add = max(1, min(round(step * unit.numel), caps[unit.index] - zeros[unit.index], goal - done))
+            step, add = next_step(self.opt, t, unit.numel, caps[unit.index] - zeros[unit.index], goal - done)
             self.prune_unit(unit, zeros[unit.index] + add)
             new_zeros = unit.zeros()
             done += new_zeros - zeros[unit.index]
@@ -398,6 +397,19 @@ class MrpRun:
             trace=self.trace,
         )
         return allocation, records
+
+
+def smax_caps(units: list[Unit], smax: float) -> dict[int, int]:
+    """The most weights each unit may lose (s_max of its size, rounded down)."""
+    return {u.index: math.floor(smax * u.numel) for u in units}
+
+
+def next_step(options, t: int, numel: int, headroom: int, remaining: int) -> tuple[float, int]:
+    """Iteration ``t``'s step (step0 * gamma^t, floored at min_step) and the weights it prunes from a unit of
+    ``numel`` weights: clipped at the unit's s_max headroom and at what the target still needs, so the target
+    is hit to the weight; at least one, so the loop always advances."""
+    step = max(options.step * options.gamma**t, options.min_step)
+    return step, max(1, min(round(step * numel), headroom, remaining))
 
 
 def most_redundant(units: list[Unit], ratios: list[float], zeros: dict[int, int], caps: dict[int, int]) -> Unit | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import sys
 import time
@@ -179,8 +180,12 @@ def main() -> None:
     parser.add_argument("--llmc", default="wanda,sparsegpt", help="llm-compressor methods ('' to skip)")
     parser.add_argument("--mrp-options", default="", help="e.g. 'step=0.1 gamma=0.9 min_step=0.02 pilot=dense'")
     parser.add_argument("--progress", action="store_true", help="progress bars on stderr")
+    parser.add_argument("--verbose", action="store_true", help="mrprune's debug log (every MRP iteration) on stderr")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.verbose:
+        logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+        logging.getLogger("mrprune").setLevel(logging.DEBUG)
 
     model = build_model(args)
     adapter = get_adapter(model)

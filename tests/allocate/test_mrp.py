@@ -74,6 +74,20 @@ def test_stops_exactly_at_target_respects_smax_and_masks_nest(metric, device):
     assert len(run.trace) >= 2 and run.trace[-1]["global_sparsity"] == pytest.approx(0.6, abs=1e-5)
 
 
+def test_every_iteration_is_logged_at_debug_level(caplog):
+    """A loop of hours on a large model: with -v every iteration's unit, step and global sparsity are in the log."""
+    run = mrp_run(target=0.6, s0=0.5, smax=0.7)
+    run.prepare()
+    run.uniform_start()
+    with caplog.at_level("DEBUG", logger="mrprune.allocate.mrp"):
+        run.iterate()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MRP iteration")]
+    assert len(lines) == len(run.trace) >= 2
+    last = run.trace[-1]
+    assert lines[-1] == (f"MRP iteration {last['iteration']}: unit {last['unit']} raised by {last['step']:.4f} to "
+                         f"{last['sparsity']:.4f}, global sparsity {last['global_sparsity']:.4f}")
+
+
 def full_pass_statistics(run, dense_weights=None):
     """Every layer's input sq_norm from one pass over the current model; with ``dense_weights`` each block's
     internal activations come from its dense weights (inputs from the pruned blocks before it)."""

@@ -376,6 +376,8 @@ class MrpRun:
                 "sparsity": round(new_zeros / unit.numel, 6), "global_sparsity": round(done / weights, 6),
                 "non_outlier_ratios": [round(r, 5) for r in ratios],
             })
+            log.debug("MRP iteration %d: unit %s raised by %.4f to %.4f, global sparsity %.4f", t, unit.label(), step,
+                      new_zeros / unit.numel, done / weights)
             t += 1
             self._save_progress([unit.block])
         bar.close()

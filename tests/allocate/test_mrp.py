@@ -74,6 +74,21 @@ def test_stops_exactly_at_target_respects_smax_and_masks_nest(metric, device):
     assert len(run.trace) >= 2 and run.trace[-1]["global_sparsity"] == pytest.approx(0.6, abs=1e-5)
 
 
+def test_step_decays_to_its_floor_and_is_clipped_at_the_cap_and_the_target():
+    from mrprune.allocate.mrp import next_step, smax_caps
+
+    opt = MrpConfig(step=0.05, gamma=0.5, min_step=0.01)
+    assert next_step(opt, 0, 1000, 10**6, 10**6) == (0.05, 50)
+    assert next_step(opt, 1, 1000, 10**6, 10**6) == (0.025, 25)
+    assert next_step(opt, 9, 1000, 10**6, 10**6) == (0.01, 10)  # 0.05 * 0.5^9 is below the floor
+    assert next_step(opt, 0, 1000, 7, 10**6)[1] == 7  # s_max headroom
+    assert next_step(opt, 0, 1000, 10**6, 3)[1] == 3  # what the target still needs
+    assert next_step(opt, 0, 10, 10**6, 10**6)[1] == 1  # a step rounding to nothing still prunes one weight
+    run = mrp_run(target=0.6)
+    caps = smax_caps(run.units, 0.95)
+    assert all(caps[u.index] <= 0.95 * u.numel < caps[u.index] + 1 for u in run.units)
+
+
 def test_every_iteration_is_logged_at_debug_level(caplog):
     """A loop of hours on a large model: with -v every iteration's unit, step and global sparsity are in the log."""
     run = mrp_run(target=0.6, s0=0.5, smax=0.7)

@@ -1,5 +1,7 @@
 import hashlib
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ import transformers
 from mrprune import PruneConfig, prune
 from mrprune.config import merge
 from mrprune.errors import OutputError
-from mrprune.export import REPORT_NAME
+from mrprune.export import REPORT_NAME, check_output
 
 
 def file_hashes(directory):
@@ -53,12 +55,41 @@ def test_existing_output_needs_overwrite_and_is_replaced_whole(tiny_dir, tmp_pat
     model_dir = tiny_dir("llama")
     out = tmp_path / "out"
     out.mkdir()
+    (out / REPORT_NAME).write_text("{}")  # an earlier export
     (out / "stale.txt").write_text("old")
     with pytest.raises(OutputError, match="--overwrite"):
         prune(config=job(model_dir, out), progress=False)
     prune(config=job(model_dir, out, overwrite=True), progress=False)
-    assert not (out / "stale.txt").exists() and (out / REPORT_NAME).exists()
+    assert not (out / "stale.txt").exists() and json.loads((out / REPORT_NAME).read_text())["blocks"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_overwrite_never_replaces_a_directory_mrprune_did_not_write(tiny_dir, tmp_path):
+    model_dir = tiny_dir("llama")
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    with pytest.raises(OutputError, match="did not write"):
+        prune(config=job(model_dir, out, overwrite=True), progress=False)
+    assert (out / "thesis.tex").read_text() == "years of work"
+
+
+def test_output_below_a_file_is_refused_before_any_work(tiny_dir, tmp_path):
+    model_dir = tiny_dir("llama")
+    blocker = tmp_path / "afile.txt"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        check_output(blocker / "sub", False, model_dir)
+
+
+def test_exported_directory_follows_the_umask(tiny_dir, tmp_path):
+    model_dir = tiny_dir("llama")
+    old = os.umask(0o022)
+    try:
+        out = prune(config=job(model_dir, tmp_path / "out"), progress=False).output
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
 
 
 def test_output_inside_input_model_is_refused(tiny_dir):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ from .data import load_eval_text, read_corpus, sample_calibration
 from .errors import ConfigError
 from .evaluate import zeroshot as zs
 from .evaluate.perplexity import PerplexityResult, eval_windows, perplexity
-from .export import check_disk, check_output, export_bytes, export_model
+from .export import check_disk, check_output, export_bytes, export_model, input_paths
 from .metrics import build_metric
 from .metrics.pattern import SparsityPattern
 from .models.adapter import ModelAdapter, get_adapter
@@ -90,6 +90,7 @@ class _Target:
     model_config: object
     dtype: torch.dtype
     source: ModelSource | None = None  # how to load the weights (None: an in-memory model)
+    protect: list[Path] = field(default_factory=list)  # what the output may neither sit in nor contain
 
 
 def _locate(model, tokenizer, config: PruneConfig, device: torch.device) -> _Target:
@@ -101,12 +102,15 @@ def _locate(model, tokenizer, config: PruneConfig, device: torch.device) -> _Tar
         dtype = resolve_dtype(r.dtype, device)
         source = open_source(spec, r.trust_remote_code, r.allow_pickle)
         tok = load_tokenizer(source, r.trust_remote_code)
-        return _Target(None, tok, source.description, source.local_dir, source.identity, source.config, dtype, source)
+        protect = [p for p in (source.local_dir, *input_paths(spec)) if p is not None]
+        return _Target(None, tok, source.description, source.local_dir, source.identity, source.config, dtype, source,
+                       protect)
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     local = Path(name) if name and Path(name).is_dir() else None
     identity = str(local.resolve()) if local is not None else name
     dtype = next(model.parameters()).dtype
-    return _Target(model, tokenizer, name, local, identity, getattr(model, "config", {}), dtype)
+    return _Target(model, tokenizer, name, local, identity, getattr(model, "config", {}), dtype,
+                   protect=input_paths(model))
 
 
 def _early_allocation(allocator, adapter: ModelAdapter, config: PruneConfig, pattern: SparsityPattern) -> None:
@@ -117,7 +121,12 @@ def _early_allocation(allocator, adapter: ModelAdapter, config: PruneConfig, pat
     method = config.allocation.method
     target = resolve_target(config, pattern)
     if method in ("uniform", "file"):
-        allocator.allocate(AllocationContext(adapter, target, config.allocation.granularity, config))
+        quiet = logging.getLogger("mrprune.allocate.file")  # its notes come once, from the real allocation
+        was, quiet.disabled = quiet.disabled, True
+        try:
+            allocator.allocate(AllocationContext(adapter, target, config.allocation.granularity, config))
+        finally:
+            quiet.disabled = was
     elif method in ("mrp", "mrp-fast"):
         resolve_start(config.allocation.mrp, target)
 
@@ -245,7 +254,7 @@ def _preflight(config: PruneConfig, target: _Target, shaped: torch.nn.Module, al
     shape = preflight.ModelShape.from_model(shaped, adapter, target.dtype)
     if config.output is not None:
         detail = f"{shape.parameters:,} parameters x {shape.dtype_size} bytes + 10%"
-        check_output(config.output, config.overwrite, target.local_dir,
+        check_output(config.output, config.overwrite, target.protect,
                      export_bytes(shape.parameters, shape.dtype_size), detail)
     checkpoint = None
     if r.checkpoint_dir:
@@ -313,7 +322,7 @@ def _prune_loaded(config: PruneConfig, target: _Target, adapter: ModelAdapter, m
     output = None
     if config.output is not None:
         written = report.to_dict()
-        output = export_model(model, tokenizer, config.output, written, config.overwrite, target.local_dir)
+        output = export_model(model, tokenizer, config.output, written, config.overwrite, target.protect)
         report.timings_s = written["timings_s"]
     return PruneOutcome(model, tokenizer, report, output)
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,24 +54,50 @@ def check_disk(path: str | Path, needed: int, what: str, detail: str = "") -> No
         )
 
 
-def check_output(output: str | Path, overwrite: bool, source_dir: Path | None,
-                 needed_bytes: int | None = None, size_detail: str = "") -> Path:
-    """Validate the output directory before any heavy work; returns its absolute path. With ``needed_bytes``
-    also check that its filesystem has room for the export (the old directory is replaced only at the end, so
-    an overwritten export still needs the full room)."""
+def input_paths(*models) -> list[Path]:
+    """The files and directories a job reads its models from (a path given, or an in-memory model's source
+    directory): outputs may neither be written inside them nor replace a directory that holds them."""
+    paths = []
+    for model in models:
+        if model is None:
+            continue
+        if isinstance(model, (str, Path)):
+            path = Path(model).expanduser()
+        else:
+            name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+            path = Path(name) if name else None
+        if path is not None and path.exists():
+            paths.append(path.resolve())
+    return paths
+
+
+def check_output(output: str | Path, overwrite: bool, protect: Path | Sequence[Path | None] | None,
+                 needed_bytes: int | None = None, size_detail: str = "", marker: str = REPORT_NAME) -> Path:
+    """Validate the output directory before any heavy work; returns its absolute path.
+
+    ``protect``: the input model's directory or file(s), which the output may neither sit in nor contain.
+    ``--overwrite`` replaces only an earlier output of ours (one holding ``marker``), so a mistyped path can
+    never delete a directory of other files. With ``needed_bytes`` also check that its filesystem has room for
+    the export (the old directory is replaced only at the end, so an overwritten export needs the full room)."""
     out = Path(output).expanduser().resolve()
-    if source_dir is not None:
-        src = Path(source_dir).resolve()
-        if _inside(out, src):
-            raise OutputError(f"output {out} is inside the input model directory {src}; choose another place")
-        if _inside(src, out):
-            raise OutputError(f"output {out} contains the input model {src}; choose another place")
+    protected = [protect] if isinstance(protect, (str, Path)) else list(protect or [])
+    for path in (Path(p).resolve() for p in protected if p is not None):
+        if path.is_dir() and _inside(out, path):
+            raise OutputError(f"output {out} is inside the input model directory {path}; choose another place")
+        if _inside(path, out):
+            raise OutputError(f"output {out} contains the input model {path}; choose another place")
     if out.exists():
         if not out.is_dir():
             raise OutputError(f"output {out} exists and is not a directory")
-        if not overwrite and any(out.iterdir()):
-            raise OutputError(f"output directory {out} already exists; pass --overwrite to replace it")
+        if any(out.iterdir()):
+            if not overwrite:
+                raise OutputError(f"output directory {out} already exists; pass --overwrite to replace it")
+            if not (out / marker).exists():
+                raise OutputError(f"output directory {out} holds files mrprune did not write (no {marker}); "
+                                  "--overwrite replaces only an earlier mrprune output: choose another place")
     parent = existing_ancestor(out.parent)
+    if not parent.is_dir():
+        raise OutputError(f"cannot create output {out}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"cannot write to {parent} (permission denied)")
     if needed_bytes is not None:
@@ -78,27 +105,26 @@ def check_output(output: str | Path, overwrite: bool, source_dir: Path | None,
     return out
 
 
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
-def export_model(model, tokenizer, output: str | Path, report: dict[str, Any], overwrite: bool,
-                 source_dir: Path | None = None) -> Path:
-    """Save safetensors weights, config, tokenizer and ``mrprune_report.json`` to ``output`` atomically.
+def publish_mode(path: Path, directory: bool) -> None:
+    """Give a file or directory made by mkstemp/mkdtemp (private, 0600/0700) the mode the user's umask gives
+    any new file, so a shared output is readable by whoever could read the user's other files."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
-    The report's ``timings_s`` gains the export's own duration before it is written."""
-    out = check_output(output, overwrite, source_dir)
+
+def write_dir_atomically(out: Path, fill: Callable[[Path], None]) -> Path:
+    """``fill`` a hidden temporary sibling of ``out``, then rename it into place (replacing an old ``out``
+    only once the new one is complete): a crash leaves either the old directory or the new one, never half."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    if getattr(model, "hf_quantizer", None) is not None:
-        strip_gguf_quantizer(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        start = time.perf_counter()
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        report.setdefault("timings_s", {})["export"] = round(time.perf_counter() - start, 3)
-        write_json(tmp / REPORT_NAME, report)
+        publish_mode(tmp, directory=True)
+        fill(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
@@ -111,3 +137,27 @@ def export_model(model, tokenizer, output: str | Path, report: dict[str, Any], o
         raise
     log.info("wrote %s", out)
     return out
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def export_model(model, tokenizer, output: str | Path, report: dict[str, Any], overwrite: bool,
+                 protect: Path | Sequence[Path | None] | None = None) -> Path:
+    """Save safetensors weights, config, tokenizer and ``mrprune_report.json`` to ``output`` atomically.
+
+    The report's ``timings_s`` gains the export's own duration before it is written."""
+    out = check_output(output, overwrite, protect)
+    if getattr(model, "hf_quantizer", None) is not None:
+        strip_gguf_quantizer(model)
+
+    def fill(tmp: Path) -> None:
+        start = time.perf_counter()
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        report.setdefault("timings_s", {})["export"] = round(time.perf_counter() - start, 3)
+        write_json(tmp / REPORT_NAME, report)
+
+    return write_dir_atomically(out, fill)

@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -138,6 +139,26 @@ def test_existing_output_needs_overwrite(tiny_dir, tmp_path, capsys):
             "--blocks", "1", "--output", out)
     code, _, err = run_cli(capsys, *args)
     assert_one_line_error(code, err, "pass --overwrite")
+    code, _, err = run_cli(capsys, *args, "--overwrite")  # not an earlier analysis: never deleted
+    assert_one_line_error(code, err, "did not write")
     assert (out / "keep.txt").exists()
+    (out / "lps.json").write_text("{}")  # now it is one
     code, _, _ = run_cli(capsys, *args, "--overwrite", "--no-plot")
     assert code == 0 and sorted(p.name for p in out.iterdir()) == ["lps.json", "lps.md"]
+
+
+@pytest.mark.parametrize("command", [("analyze", "lps", "--blocks", "1", "--metrics", "magnitude"),
+                                     ("analyze", "allocation", "--allocations", "uniform"),
+                                     ("compare", "--allocations", "uniform")])
+def test_analyses_never_write_in_or_over_the_input_model(tiny_dir, tmp_path, capsys, command):
+    model = tmp_path / "work" / "model"
+    shutil.copytree(tiny_dir("llama"), model)
+    before = sorted(p.name for p in model.iterdir())
+    if command[0] == "compare":  # writes files, never replaces a directory
+        places = ((model / "t.md", ()), (model / "sub" / "t.md", ("--overwrite",)))
+    else:
+        places = ((model / "out", ()), (model.parent, ("--overwrite",)), (model, ("--overwrite",)))
+    for out, flags in places:
+        code, _, err = run_cli(capsys, *command, "--model", model, *FAST_ARGS, *EVAL_ARGS, "--output", out, *flags)
+        assert_one_line_error(code, err, "input model")
+    assert sorted(p.name for p in model.iterdir()) == before

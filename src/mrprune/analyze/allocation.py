@@ -23,6 +23,7 @@ from ..allocate import ALLOCATORS
 from ..api import PruneOutcome, prune
 from ..config import PruneConfig, merge
 from ..errors import ConfigError
+from ..export import input_paths
 from ..redundancy import spread
 from ..runtime import keeps_placement
 from . import common, plots
@@ -153,12 +154,13 @@ class AllocationResult:
             spreads={o.name: o.spread["cv"] for o in self.outcomes},
         )
 
-    def save(self, output: str | Path, overwrite: bool = False, plot: bool = True) -> Path:
+    def save(self, output: str | Path, overwrite: bool = False, plot: bool = True,
+             protect: Sequence[Path] = ()) -> Path:
         writers = {"allocation.json": common.json_writer(self.to_dict()),
                    "allocation.md": common.text_writer(self.to_markdown())}
         if plot:
             writers["allocation.png"] = self.plot
-        return common.write_dir(Path(output), writers, overwrite)
+        return common.write_dir(Path(output), writers, overwrite, protect)
 
 
 def _short(source: str) -> str:
@@ -211,7 +213,8 @@ def allocation_analysis(
     configs = cell_configs(config, names, config.metric, target)
     if plot and output is not None:
         plots.require()
-    out = common.prepare_dir(output, overwrite)
+    protect = input_paths(model if model is not None else config.model)
+    out = common.prepare_dir(output, overwrite, "allocation.json", protect)
     start = time.perf_counter()
     job = common.load_job(model, tokenizer, config)
     ids = common.calibration_ids(config, job.tokenizer)
@@ -240,5 +243,5 @@ def allocation_analysis(
     result = AllocationResult(job.source, config.metric, target, m, reference.taus, reference.dense_ratios, outcomes,
                               settings, dense_ppl, {"total": round(time.perf_counter() - start, 3)})
     if out is not None:
-        result.save(out, overwrite, plot)
+        result.save(out, overwrite, plot, protect)
     return result

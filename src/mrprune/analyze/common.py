@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from ..config import PruneConfig, merge
 from ..data import Corpus, load_eval_text, read_corpus, sample_calibration
 from ..errors import ConfigError, OutputError
 from ..evaluate.perplexity import PerplexityResult, perplexity
-from ..export import check_output, write_json
+from ..export import check_output, existing_ancestor, publish_mode, write_dir_atomically, write_json
 from ..metrics import build_metric
 from ..metrics.pattern import SparsityPattern
 from ..models.adapter import LinearRef, ModelAdapter, get_adapter
@@ -184,45 +183,42 @@ def restore(layers: Sequence[LinearRef], saved: dict[str, torch.Tensor]) -> None
 # ---------------------------------------------------------------------------------------------- output
 
 
-def prepare_dir(output: str | Path | None, overwrite: bool) -> Path | None:
-    """Check an output directory before any heavy work (existing and non-empty needs ``overwrite``)."""
-    return None if output is None else check_output(output, overwrite, None)
+def prepare_dir(output: str | Path | None, overwrite: bool, marker: str,
+                protect: Sequence[Path] = ()) -> Path | None:
+    """Check an output directory before any heavy work: not in or around an input model (``protect``),
+    existing and non-empty only with ``overwrite`` and only if an earlier analysis wrote it (holds ``marker``)."""
+    return None if output is None else check_output(output, overwrite, protect, marker=marker)
 
 
-def write_dir(out: Path, writers: dict[str, Callable[[Path], None]], overwrite: bool) -> Path:
-    """Write files into ``out`` atomically: into a hidden temporary sibling, renamed into place when complete.
+def write_dir(out: Path, writers: dict[str, Callable[[Path], None]], overwrite: bool,
+              protect: Sequence[Path] = ()) -> Path:
+    """Write files into ``out`` atomically. ``writers`` maps a file name to a function writing that file to the
+    path it is given; the first name marks the directory as this analysis's output."""
+    out = check_output(out, overwrite, protect, marker=next(iter(writers)))
 
-    ``writers`` maps a file name to a function writing that file to the path it is given."""
-    out = check_output(out, overwrite, None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def fill(tmp: Path) -> None:
         for name, write in writers.items():
             write(tmp / name)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("wrote %s", out)
-    return out
+
+    return write_dir_atomically(out, fill)
 
 
-def prepare_files(paths: Sequence[Path], overwrite: bool) -> None:
-    """Refuse to replace existing files without ``overwrite``, before any heavy work."""
+def prepare_files(paths: Sequence[Path], overwrite: bool, protect: Sequence[Path] = ()) -> None:
+    """Refuse, before any heavy work, to replace existing files without ``overwrite`` or to write inside an
+    input model's directory (``protect``)."""
     for path in paths:
+        path = Path(path).expanduser().resolve()
+        for model in protect:
+            model = Path(model).resolve()
+            if path == model or (model.is_dir() and model in path.parents):
+                raise OutputError(f"output {path} is inside the input model {model}; choose another place")
         if path.exists() and not path.is_file():
             raise OutputError(f"output {path} exists and is not a file")
         if path.exists() and not overwrite:
             raise OutputError(f"output file {path} already exists; pass --overwrite to replace it")
-        parent = path.parent
-        while not parent.exists():
-            parent = parent.parent
+        parent = existing_ancestor(path.parent)
+        if not parent.is_dir():
+            raise OutputError(f"cannot create output {path}: {parent} is a file, not a directory")
         if not os.access(parent, os.W_OK):
             raise OutputError(f"cannot write to {parent} (permission denied)")
 
@@ -233,6 +229,7 @@ def write_file(path: Path, write: Callable[[Path], None]) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
+        publish_mode(Path(name), directory=False)
         write(Path(name))
         os.replace(name, path)
     except BaseException:

@@ -18,6 +18,7 @@ from typing import Any
 from ..allocate import ALLOCATORS
 from ..config import PruneConfig
 from ..evaluate import zeroshot as zs
+from ..export import input_paths
 from ..metrics import METRICS
 from ..redundancy import spread
 from ..runtime import keeps_placement
@@ -120,10 +121,11 @@ class CompareResult:
                            subtitle=f"calib {c['nsamples']}x{c['seqlen']}; PPL {self.dense['windows']}x"
                                     f"{self.dense['seqlen']} tokens of {_short(self.dense['text'])}")
 
-    def save(self, output: str | Path, overwrite: bool = False, plot: bool = True) -> Path:
+    def save(self, output: str | Path, overwrite: bool = False, plot: bool = True,
+             protect: Sequence[Path] = ()) -> Path:
         """Write the table to ``output`` (Markdown), the rows to the .json and the plot to the .png next to it."""
         md, js, png = output_paths(output)
-        common.prepare_files([md, js] + ([png] if plot else []), overwrite)
+        common.prepare_files([md, js] + ([png] if plot else []), overwrite, protect)
         common.write_file(js, common.json_writer(self.to_dict()))
         if plot:
             common.write_file(png, self.plot)
@@ -176,11 +178,12 @@ def compare(
     metric_names = common.split_names(metrics, METRICS, "metric")
     levels = [common.check_sparsity(s, "sparsities") for s in common.split_numbers(sparsities, "sparsities")]
     configs = {(m, s): cell_configs(config, alloc_names, m, s) for m in metric_names for s in levels}
+    protect = input_paths(model if model is not None else config.model)
     if output is not None:
         if plot:
             plots.require()
         md, js, png = output_paths(output)
-        common.prepare_files([md, js] + ([png] if plot else []), overwrite)
+        common.prepare_files([md, js] + ([png] if plot else []), overwrite, protect)
     tasks = None
     if config.evaluation.tasks:
         tasks = zs.prepare_tasks(config.evaluation.tasks, config.evaluation.task_data)  # fails before heavy work
@@ -231,5 +234,5 @@ def compare(
                            dense_zs.protocol if dense_zs is not None else None,
                            {"total": round(time.perf_counter() - start, 3)})
     if output is not None:
-        result.save(output, overwrite, plot)
+        result.save(output, overwrite, plot, protect)
     return result

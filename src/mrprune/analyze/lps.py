@@ -29,6 +29,7 @@ from ..api import check_pattern
 from ..calibrate import StatsCollector, run_block
 from ..config import PruneConfig
 from ..errors import ConfigError
+from ..export import input_paths
 from ..metrics import METRICS, build_metric
 from ..metrics.base import LayerStats
 from ..metrics.pattern import SparsityPattern
@@ -198,11 +199,12 @@ class LpsResult:
                      f"dense {common.fmt_ppl(self.dense_ppl)}",
         )
 
-    def save(self, output: str | Path, overwrite: bool = False, plot: bool = True) -> Path:
+    def save(self, output: str | Path, overwrite: bool = False, plot: bool = True,
+             protect: Sequence[Path] = ()) -> Path:
         writers = {"lps.json": common.json_writer(self.to_dict()), "lps.md": common.text_writer(self.to_markdown())}
         if plot:
             writers["lps.png"] = self.plot
-        return common.write_dir(Path(output), writers, overwrite)
+        return common.write_dir(Path(output), writers, overwrite, protect)
 
 
 def _short(source: str) -> str:
@@ -302,7 +304,8 @@ def layerwise_sensitivity(
     sparsity = common.check_sparsity(common.target_sparsity(config))
     if plot and output is not None:
         plots.require()
-    out = common.prepare_dir(output, overwrite)
+    protect = input_paths(model if model is not None else config.model)
+    out = common.prepare_dir(output, overwrite, "lps.json", protect)
     start = time.perf_counter()
     job = common.load_job(model, tokenizer, config)
     check_pattern(job.adapter, pattern)
@@ -336,5 +339,5 @@ def layerwise_sensitivity(
     }
     result = LpsResult(job.source, sparsity, str(pattern), chosen, dense.to_dict(), ppl, achieved, settings, timings)
     if out is not None:
-        result.save(out, overwrite, plot)
+        result.save(out, overwrite, plot, protect)
     return result

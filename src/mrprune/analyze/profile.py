@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 
 from ..config import PruneConfig
 from ..errors import ConfigError
+from ..export import input_paths
 from ..models.adapter import ModelAdapter
 from ..redundancy import UnitCounts, layer_counts, spread, thresholds
 from ..runtime import keeps_placement
@@ -145,12 +147,13 @@ class RedundancyResult:
                               subtitle=f"sparsity {self.sparsity:.3f}, M={self.m:g}, {source}; "
                                        f"cv {self.spread['cv']:.3g}")
 
-    def save(self, output: str | Path, overwrite: bool = False, plot: bool = True) -> Path:
+    def save(self, output: str | Path, overwrite: bool = False, plot: bool = True,
+             protect: Sequence[Path] = ()) -> Path:
         writers = {"redundancy.json": common.json_writer(self.to_dict()),
                    "redundancy.md": common.text_writer(self.to_markdown())}
         if plot:
             writers["redundancy.png"] = self.plot
-        return common.write_dir(Path(output), writers, overwrite)
+        return common.write_dir(Path(output), writers, overwrite, protect)
 
 
 def _calib_text(c: dict) -> str:
@@ -187,7 +190,8 @@ def redundancy_profile(
     config = common.analysis_config(config)
     if plot and output is not None:
         plots.require()
-    out = common.prepare_dir(output, overwrite)
+    protect = input_paths(model if model is not None else config.model, dense)
+    out = common.prepare_dir(output, overwrite, "redundancy.json", protect)
     m = config.allocation.mrp.m
     if m <= 0:
         raise ConfigError(f"the outlier multiple M must be positive, got {m:g}")
@@ -225,7 +229,7 @@ def redundancy_profile(
     result = RedundancyResult(job.source, dense_source, m, [float(t) for t in taus], blocks, settings,
                               {"total": round(time.perf_counter() - start, 3)})
     if out is not None:
-        result.save(out, overwrite, plot)
+        result.save(out, overwrite, plot, protect)
     return result
 
 

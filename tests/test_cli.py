@@ -93,6 +93,71 @@ def test_bad_models_give_one_line_errors(tmp_path, capsys):
     assert_one_line_error(code, err, "no config.json")
 
 
+@pytest.mark.parametrize("flags,fragment", [
+    (("--ratios", "r.json"), "--ratios is read only with --allocation file"),
+    (("--allocation", "uniform", "--owl-m", "3"), "--owl-m is read only with --allocation owl"),
+    (("--allocation", "owl", "--mrp-step", "0.1"), "--mrp-step is read only with --allocation mrp or mrp-fast"),
+    (("--max-windows", "1"), "--max-windows sets the perplexity evaluation"),
+])
+def test_flags_the_job_would_not_read_are_refused(tiny_dir, tmp_path, capsys, flags, fragment):
+    code, _, err = run_cli(capsys, *tiny_prune_args(tiny_dir("llama"), *flags, "--output", tmp_path / "out"))
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_windows_past_a_learned_position_table_are_refused(tiny_dir, capsys):
+    gpt2 = tiny_dir("gpt2")  # n_positions 128
+    code, _, err = run_cli(capsys, "prune", "-q", "--model", gpt2, "--calib", "embedded", "--nsamples", 2,
+                           "--seqlen", 256)
+    assert_one_line_error(code, err, "calibration window (--seqlen) of 256 tokens is longer than the model's context")
+    code, _, err = run_cli(capsys, "eval", "-q", gpt2, "--text", "embedded", "--seqlen", 256, "--max-windows", 1)
+    assert_one_line_error(code, err, "evaluation window")
+    code, stdout, _ = run_cli(capsys, "eval", "-q", tiny_dir("llama"), "--text", "embedded", "--seqlen", 256,
+                              "--max-windows", 1)  # rotary positions: runs (with a warning, below)
+    assert code == 0 and "perplexity" in stdout
+
+
+def test_rotary_models_past_their_context_get_a_warning():
+    import logging
+
+    from mrprune.models.adapter import check_context, context_limit
+    from tests.conftest import tiny_model
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger = logging.getLogger("mrprune.models.adapter")
+    logger.addHandler(handler)
+    try:
+        phi3 = tiny_model("phi3")
+        assert context_limit(phi3) == (128, False)
+        assert context_limit(tiny_model("gpt2")) == context_limit(tiny_model("opt")) == (128, True)
+        check_context(phi3, 128, "a window")
+        assert seen == []
+        check_context(phi3, 256, "a window")
+    finally:
+        logger.removeHandler(handler)
+    assert len(seen) == 1 and "beyond the model's context of 128" in seen[0].getMessage()
+
+
+def test_corrupt_weights_and_missing_tokenizer_are_one_line_errors(tiny_dir, tmp_path, capsys):
+    import shutil
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_dir("llama"), truncated)
+    weights = next(truncated.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, _, err = run_cli(capsys, "info", truncated)
+    assert_one_line_error(code, err, "cannot load model")
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(tiny_dir("llama"), no_tokenizer)
+    for path in no_tokenizer.glob("tokenizer*"):
+        path.unlink()
+    code, _, err = run_cli(capsys, "eval", no_tokenizer)
+    assert_one_line_error(code, err, "cannot load the tokenizer")
+    assert not err.rstrip().endswith(":")  # the reason, not a dangling "from one of:"
+
+
 def pickle_only(model_dir):
     """Replace the safetensors weights of ``model_dir`` by a pickle checkpoint."""
     import torch

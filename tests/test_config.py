@@ -14,6 +14,13 @@ def test_config_round_trips_through_yaml(tmp_path):
     assert PruneConfig().calibration.nsamples == 128  # merge copied, did not mutate defaults
 
 
+def test_unquoted_nm_pattern_in_yaml_stays_a_pattern(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("pattern: 2:4\nsparsity: 0.5\nallocation:\n  mrp:\n    gamma: 0.95\n")  # YAML 1.1: 2:4 is 124
+    config = load_config(path)
+    assert config.pattern == "2:4" and config.sparsity == 0.5 and config.allocation.mrp.gamma == 0.95
+
+
 def test_unknown_key_names_the_closest_valid_one(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("calibration:\n  nsample: 32\n")

@@ -145,8 +145,30 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
     return merge(config, {k: v for k, v in overrides.items() if v is not None})
 
 
+#: flags that only some allocations read (dotted path prefix -> those allocations)
+_ALLOCATION_FLAGS = {"allocation.ratios": ("file",), "allocation.owl.": ("owl",),
+                     "allocation.alpha.": ("alphapruning",), "allocation.mrp.": ("mrp", "mrp-fast")}
+_PERPLEXITY_FLAGS = ("evaluation.text", "evaluation.seqlen", "evaluation.max_windows", "evaluation.bos")
+
+
+def refuse_unread_flags(args: argparse.Namespace, config: PruneConfig) -> None:
+    """A flag typed on the command line that this job would not read is a mistake (a forgotten --allocation or
+    --eval), not something to ignore silently. Values from a --config file are not checked: a team's file may
+    hold settings for several kinds of run."""
+    typed = [o for o in PRUNE_OPTIONS if getattr(args, o.path.replace(".", "__"), None) is not None]
+    method = config.allocation.method
+    for option in typed:
+        for prefix, methods in _ALLOCATION_FLAGS.items():
+            if option.path.startswith(prefix) and method not in methods:
+                raise ConfigError(f"{option.flag} is read only with --allocation {' or '.join(methods)}, "
+                                  f"not {method}: add the allocation or drop the flag")
+        if option.path in _PERPLEXITY_FLAGS and not config.evaluate:
+            raise ConfigError(f"{option.flag} sets the perplexity evaluation, which runs only with --eval: add --eval")
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    refuse_unread_flags(args, config)
     if args.dump_config:
         sys.stdout.write(dump_config(config.validate()))
         return 0

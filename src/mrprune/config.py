@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -221,6 +222,15 @@ def check_positive(name: str, value: int) -> None:
 # --------------------------------------------------------------------------------------------------- loading
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that keeps ``2:4`` text: YAML 1.1 reads an unquoted N:M as the base-60 integer 124."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _digit in "0123456789":
+    _YamlLoader.yaml_implicit_resolvers[_digit].insert(0, ("tag:yaml.org,2002:str", re.compile(r"^[0-9]+:[0-9]+$")))
+
+
 def read_data(path: str | Path) -> Any:
     """Parse a YAML or JSON file (JSON is valid YAML; .json files get the stricter JSON parser)."""
     path = Path(path)
@@ -230,7 +240,7 @@ def read_data(path: str | Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
     try:
-        return json.loads(text) if is_json else yaml.safe_load(text)
+        return json.loads(text) if is_json else yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{path} is not valid {'JSON' if is_json else 'YAML'}: {first_line}") from None

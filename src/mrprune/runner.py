@@ -18,7 +18,7 @@ from .calibrate import BlockCall, StatsCollector, capture_block_inputs, record_b
 from .checkpoint import Checkpoint
 from .metrics.base import LayerStats, PruningMetric
 from .metrics.pattern import SparsityPattern
-from .models.adapter import LinearRef, ModelAdapter
+from .models.adapter import LinearRef, ModelAdapter, check_context
 from .numerics import check_pruned_weight, check_stats, require_finite_activations
 from .runtime import PhaseTimer, place_model
 
@@ -91,6 +91,7 @@ class SequentialPruner:
     def record_calls(self, input_ids: torch.Tensor) -> list[BlockCall]:
         """Every block's call context (masks, positions), from one forward of the first window (blocks
         bypassed, so offloaded blocks stay where they are)."""
+        check_context(self.adapter.model, input_ids.shape[1], "a calibration window (--seqlen)")
         return record_block_calls(self.adapter, input_ids[:1])
 
     def resume(self, input_ids: torch.Tensor) -> Activations:

@@ -187,6 +187,8 @@ def test_hub_task_offline_is_a_one_line_error_before_loading(monkeypatch, shared
         zs.plan_tasks("rte,boolq", shared_data)
     with pytest.raises(EvalError, match="task hellaswag needs the Hugging Face hub"):
         zs.plan_tasks("hellaswag")
+    with pytest.raises(EvalError, match="unknown task 'hellswag'; did you mean 'hellaswag'"):
+        zs.plan_tasks("rte,hellswag", shared_data)
     with pytest.raises(EvalError, match="task rte_local needs local data"):
         zs.plan_tasks("rte_local", tmp_path)
     assert [p.lm_eval_task for p in zs.plan_tasks("rte_local,hellaswag", shared_data)] == \

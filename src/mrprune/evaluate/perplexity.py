@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..data import Corpus
 from ..errors import DataError
+from ..models.adapter import check_context
 
 
 @dataclass
@@ -94,6 +95,7 @@ def perplexity(
     progress: bool = True,
 ) -> PerplexityResult:
     """Perplexity of ``model`` (already placed for running on ``device``) on ``corpus.text``."""
+    check_context(model, seqlen, "an evaluation window (--eval-seqlen; mrprune eval: --seqlen)")
     device = device or next(model.parameters()).device
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     windows, per_window_bos = eval_windows(tokenizer, corpus.text or "", seqlen, max_windows, bos, model_type)

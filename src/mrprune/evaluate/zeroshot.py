@@ -206,6 +206,11 @@ def plan_tasks(tasks: str | Sequence[str], task_data: str | Path | None = None) 
             plans.append(TaskPlan(name, name))
             hub_only.append(name)
     if hub_only and not hub_reachable():
+        for name in hub_only:  # most often a typo of a task with local data: say so first
+            close = difflib.get_close_matches(name, list(LOCAL_TASKS), n=1)
+            if close and name not in LOCAL_TASKS:
+                raise EvalError(f"unknown task '{name}'; did you mean '{close[0]}'? (no local data has that name, "
+                                "and the Hugging Face hub, where lm-eval's other tasks live, is unreachable)")
         which = f"task {hub_only[0]} needs" if len(hub_only) == 1 else f"tasks {', '.join(hub_only)} need"
         looked = f" ({folder} has no data for {'it' if len(hub_only) == 1 else 'them'})" if folder else ""
         raise EvalError(f"{which} the Hugging Face hub, which is unreachable{looked}; pass --task-data DIR with "
@@ -327,6 +332,16 @@ class _DropInstanceWarnings(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not message.startswith(("`pretrained` model kwarg is not of type", "Passed an already-initialized"))
+
+
+class _DropDefaultMetricWarnings(logging.Filter):
+    """lm-eval warns, for its own rte and for our copy of it, that a metric's aggregation is left to its
+    default (the mean): that default is the task's definition, not a problem to report on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("is defined, but aggregation is not" in message or "is defined, but higher_is_better is not"
+                    in message)
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -469,10 +484,15 @@ def evaluate_zeroshot(
         lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
     finally:
         hf_logger.removeFilter(quiet)
-    output = lm_eval.simple_evaluate(
-        model=lm, tasks=[p.lm_eval_task for p in prepared.plans], num_fewshot=num_fewshot, limit=limit,
-        task_manager=prepared.manager, log_samples=False,
-    )
+    task_logger, defaults = logging.getLogger("lm_eval.api.task"), _DropDefaultMetricWarnings()
+    task_logger.addFilter(defaults)
+    try:
+        output = lm_eval.simple_evaluate(
+            model=lm, tasks=[p.lm_eval_task for p in prepared.plans], num_fewshot=num_fewshot, limit=limit,
+            task_manager=prepared.manager, log_samples=False,
+        )
+    finally:
+        task_logger.removeFilter(defaults)
     result = ZeroShotResult(_scores(output, prepared.plans), num_fewshot, limit, batch_size,
                             task_dir=str(prepared.task_dir) if prepared.task_dir else None)
     log.info("zero-shot: %s", "; ".join(

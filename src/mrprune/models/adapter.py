@@ -8,14 +8,17 @@ subclass in ``ADAPTERS`` under its ``model_type``. Everything else in mrprune re
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
@@ -144,3 +147,35 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     config = getattr(model, "config", None)
     factory = ADAPTERS.get(getattr(config, "model_type", None), ModelAdapter)
     return factory(model)
+
+
+# ---------------------------------------------------------------------------------------------- context
+
+
+def context_limit(model: nn.Module) -> tuple[int | None, bool]:
+    """(the context length the model was built for, whether it has a learned position table of that size).
+
+    Past a learned table (GPT-2's wpe, OPT's embed_positions) a position cannot be embedded at all; rotary and
+    ALiBi models run there but were not trained there."""
+    config = getattr(model, "config", None)
+    length = next((value for name in ("max_position_embeddings", "n_positions", "n_ctx")
+                   if isinstance(value := getattr(config, name, None), int)), None)
+    if length is None:
+        return None, False
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    learned = any(isinstance(m, nn.Embedding) and m is not inputs and length <= m.num_embeddings <= length + 2
+                  for m in model.modules())
+    return length, learned
+
+
+def check_context(model: nn.Module, seqlen: int, what: str) -> None:
+    """Refuse windows longer than a learned position table (an index error deep in the model otherwise); warn
+    past the context of any other model. ``what``: the window and the option that sets it."""
+    length, learned = context_limit(model)
+    if length is None or seqlen <= length:
+        return
+    if learned:
+        raise ConfigError(f"{what} of {seqlen} tokens is longer than the model's context of {length} (its position "
+                          f"table has no row past that); use at most {length}")
+    log.warning("%s of %d tokens is beyond the model's context of %d; figures past it may mean little", what, seqlen,
+                length)

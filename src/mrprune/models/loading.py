@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import ModelLoadError
 from ..hub import hub_reachable
@@ -127,9 +128,14 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The message of ``exc`` on one line: its first line, or all of it when the first line ends in ':' (the
+    reason follows on the next lines, as in tokenizers' "could not instantiate ... from one of:")."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = " ".join(lines) if lines[0].endswith(":") else lines[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def resolve_model_dir(spec: str | None) -> tuple[str, Path | None, str | None]:
@@ -271,7 +277,7 @@ def load_weights(source: ModelSource, dtype: torch.dtype, trust_remote_code: boo
             use_safetensors=None if allow_pickle else True,
             local_files_only=source.cached_only,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated or corrupt file
         if _needs_remote_code(exc) and not trust_remote_code:
             raise _custom_code_error(source.description) from None
         raise ModelLoadError(f"cannot load model {source.description}: {_first_line(exc)}") from None

@@ -120,6 +120,12 @@ def make_models(root: Path) -> dict[str, Path]:
     transformers.BertForMaskedLM(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                          intermediate_size=32, vocab_size=50)).save_pretrained(bert)
     models["bert"] = bert
+    models["gpt2"] = save("gpt2-ctx64", transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                                 vocab_size=384))
+    truncated = save("truncated", llama(3))
+    weights = next(truncated.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    models["truncated"] = truncated
     return models
 
 
@@ -134,6 +140,7 @@ def cases(root: Path, m: dict[str, Path]) -> list[tuple[str, list[str], dict]]:
     (root / "taken" / "keep.txt").write_text("x")
     (root / "busy").mkdir(exist_ok=True)
     (root / "busy" / "notes.txt").write_text("x")
+    (root / "afile.txt").write_text("x")
     base = ["prune", "-q", "--model", "tiny", "--calib", "embedded"]
     tiny = base + ["--nsamples", "4", "--seqlen", "32"]
     deep = ["prune", "-q", "--model", "deep", "--calib", "embedded", "--nsamples", "8", "--seqlen", "64",
@@ -164,6 +171,16 @@ def cases(root: Path, m: dict[str, Path]) -> list[tuple[str, list[str], dict]]:
         ("unknown dtype", tiny + ["--dtype", "float8"], {}),
         ("existing non-empty --output without --overwrite", tiny + ["--output", "taken"], {}),
         ("--output inside the input model", tiny + ["--output", "tiny/pruned"], {}),
+        ("--overwrite on a directory mrprune did not write", tiny + ["--output", "taken", "--overwrite"], {}),
+        ("--output below a file", tiny + ["--output", "afile.txt/pruned"], {}),
+        ("an analysis's --output around the input model", ["analyze", "lps", "-q", "--model", "tiny", "--calib",
+                                                           "embedded", "--output", ".", "--overwrite"], {}),
+        ("--ratios without --allocation file", tiny + ["--ratios", "two.json"], {}),
+        ("an evaluation option without --eval", tiny + ["--max-windows", "2"], {}),
+        ("calibration windows longer than a learned position table (GPT-2, 64 positions)",
+         ["prune", "-q", "--model", "gpt2-ctx64", "--calib", "embedded", "--nsamples", "4", "--seqlen", "128"], {}),
+        ("truncated weights file", ["info", "truncated"], {}),
+        ("misspelled zero-shot task", ["eval", "-q", "tiny", "--tasks", "hellswag"], {}),
         ("too little disk for the export (simulated: 1000 bytes free)", tiny + ["--output", "out-disk"], {"patch": "disk"}),
         ("too little memory for the run (simulated: 32 MiB available)", tiny, {"patch": "memory"}),
         ("NaN in the model's weights", ["prune", "-q", "--model", "nan-model", "--calib", "embedded", "--nsamples",

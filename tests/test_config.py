@@ -57,7 +57,21 @@ def test_wrong_types_and_bad_files_are_config_errors(tmp_path):
     ({"calibration.nsamples": 0}, "nsamples must be a positive integer"),
     ({"calibration.seqlen": -5}, "seqlen must be a positive integer"),
     ({"allocation.method": "nope"}, "unknown allocation.method"),
+    ({"overwrite": "False"}, "'overwrite' expects bool, got 'False'"),  # a truthy string must not replace files
+    ({"evaluate": "no"}, "'evaluate' expects bool"),
+    ({"sparsity": "0.5"}, "'sparsity' expects float or None"),
+    ({"calibration.seed": "1"}, "'calibration.seed' expects int"),
+    ({"calibration": {"nsamples": 2}}, "'calibration' expects CalibrationConfig, got dict"),
+    ({"allocation": "owl"}, "'allocation' expects AllocationConfig, got str"),
 ])
 def test_validation_names_the_problem(overrides, message):
     with pytest.raises(ConfigError, match=message):
         merge(PruneConfig(), overrides).validate()
+
+
+def test_paths_given_in_python_are_accepted_and_dumped_as_text(tmp_path):
+    config = merge(PruneConfig(), {"output": tmp_path / "out", "calibration.source": tmp_path / "c.txt"}).validate()
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(config))
+    loaded = load_config(path)
+    assert loaded.output == str(tmp_path / "out") and loaded.calibration.source == str(tmp_path / "c.txt")

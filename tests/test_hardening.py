@@ -267,3 +267,14 @@ def test_is_finite_on_float8():
         dirty = clean.clone()
         dirty[37] = bad
         assert not is_finite(dirty)
+
+
+def test_python_api_slips_are_config_errors(tokenizer):
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match="call prune\\(config=...\\)"):
+        prune(PruneConfig())
+    for kwargs, fragment in [({}, "needs its tokenizer"), ({"tokenizer": tokenizer, "seqlen": 0}, "seqlen must be"),
+                             ({"tokenizer": tokenizer, "max_windows": 0}, "max_windows must be"),
+                             ({"tokenizer": tokenizer, "bos": "Always"}, "unknown bos 'Always'")]:
+        with pytest.raises(ConfigError, match=fragment):
+            mrprune.api.evaluate_perplexity(model, text="embedded", **kwargs)

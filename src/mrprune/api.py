@@ -11,7 +11,7 @@ import torch
 from . import preflight
 from .allocate import AllocationContext, IterativeAllocator, build_allocator
 from .checkpoint import Checkpoint, fingerprint
-from .config import PruneConfig
+from .config import CHOICES, PruneConfig, check_positive
 from .data import load_eval_text, read_corpus, sample_calibration
 from .errors import ConfigError
 from .evaluate import zeroshot as zs
@@ -171,6 +171,9 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
     tokenizer, the calibration and evaluation text, the output (writable, room on disk), the checkpoint, the
     allocation where it needs only shapes, and the memory the run will take (``runtime.preflight``).
     """
+    if isinstance(model, PruneConfig):
+        raise ConfigError("prune() got a PruneConfig where the model goes: call prune(config=...) or "
+                          "prune(model, config)")
     config = (config or PruneConfig()).validate()
     r = config.runtime
     device = resolve_device(r.device)
@@ -318,6 +321,10 @@ def _prune_loaded(config: PruneConfig, target: _Target, adapter: ModelAdapter, m
     )
     if checkpoint is not None and checkpoint.resuming:
         report.extra["resumed_from"] = str(checkpoint.directory)
+    s = report.sparsity
+    if not s["target_met"]:  # e.g. a model already pruned beyond the target: masks only ever add zeros
+        log.warning("global sparsity %.4f misses the target %.4f (already pruned beyond it?)", s["achieved"],
+                    s["target"])
     report.timings_s = timer.as_dict()
     output = None
     if config.output is not None:
@@ -342,6 +349,13 @@ def evaluate_perplexity(
     trust_remote_code: bool = False,
 ) -> PerplexityResult:
     """Perplexity of a model object or of the model at a path / hub id, on ``text`` (file, dataset or None)."""
+    check_positive("seqlen", seqlen)
+    if max_windows is not None:
+        check_positive("max_windows", max_windows)
+    if bos not in CHOICES["evaluation.bos"]:
+        raise ConfigError(f"unknown bos '{bos}'; choose one of: {', '.join(CHOICES['evaluation.bos'])}")
+    if model is not None and not isinstance(model, (str, Path)) and tokenizer is None:
+        raise ConfigError("evaluating a model object needs its tokenizer: pass tokenizer=...")
     if model is None or isinstance(model, (str, Path)):
         loaded = load_model(None if model is None else str(model), dtype, device, trust_remote_code, allow_pickle)
         model, tokenizer = loaded.model, loaded.tokenizer

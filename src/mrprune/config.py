@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import os
 import re
 import types
 import typing
@@ -153,6 +154,7 @@ class PruneConfig:
         from .metrics import METRICS
         from .metrics.pattern import SparsityPattern
 
+        _check_types(self)
         _check_choice("metric", self.metric, METRICS)
         _check_choice("allocation.method", self.allocation.method, ALLOCATORS)
         for path, choices in CHOICES.items():
@@ -185,6 +187,43 @@ class PruneConfig:
             flag = "--resume" if self.runtime.resume else "--remove-checkpoint"
             raise ConfigError(f"{flag} needs --checkpoint-dir DIR (the directory of the interrupted run)")
         return self
+
+
+def _check_types(config: Any, prefix: str = "") -> None:
+    """A config built in Python (not read from a file) gets the file's type checks too: a string where a bool
+    belongs (``overwrite="False"``) would otherwise count as true."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, hint, path = getattr(config, f.name), hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, hint):
+                raise ConfigError(f"config key '{path}' expects {hint.__name__}, got {type(value).__name__} "
+                                  f"(build it with {hint.__name__}(...), or set keys with mrprune.config.merge)")
+            _check_types(value, f"{path}.")
+        elif not _is_a(hint, value):
+            raise ConfigError(f"config key '{path}' expects {_type_name(hint)}, got {value!r}")
+
+
+def _is_a(hint: Any, value: Any) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_a(arg, value) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, (str, os.PathLike))  # paths are text options too
+    return True  # containers and Any: checked where they are used
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 def _check_zeroshot(e: EvalConfig) -> None:
@@ -323,4 +362,9 @@ def merge(config: Any, overrides: dict[str, Any]) -> Any:
 
 
 def dump_config(config: Any) -> str:
-    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+    def plain(value: Any) -> Any:  # a Path given in Python is written as its text
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    return yaml.safe_dump(plain(dataclasses.asdict(config)), sort_keys=False)

@@ -273,8 +273,23 @@ def test_python_api_slips_are_config_errors(tokenizer):
     model = tiny_model("llama")
     with pytest.raises(ConfigError, match="call prune\\(config=...\\)"):
         prune(PruneConfig())
+    with pytest.raises(ConfigError, match="takes a tokenizer object"):
+        prune(model, PruneConfig(), tokenizer="path/to/tokenizer")
     for kwargs, fragment in [({}, "needs its tokenizer"), ({"tokenizer": tokenizer, "seqlen": 0}, "seqlen must be"),
                              ({"tokenizer": tokenizer, "max_windows": 0}, "max_windows must be"),
                              ({"tokenizer": tokenizer, "bos": "Always"}, "unknown bos 'Always'")]:
         with pytest.raises(ConfigError, match=fragment):
             mrprune.api.evaluate_perplexity(model, text="embedded", **kwargs)
+
+
+def test_a_tokenizer_given_with_a_model_path_is_the_one_used(tiny_dir):
+    class Marked:
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError("the given tokenizer was used")
+
+        encode = __call__
+
+    config = merge(PruneConfig(), {"calibration.source": "embedded", "calibration.nsamples": 2,
+                                   "calibration.seqlen": 16})
+    with pytest.raises(RuntimeError, match="the given tokenizer was used"):
+        prune(str(tiny_dir("llama")), config, tokenizer=Marked(), progress=False)

@@ -101,7 +101,7 @@ def _locate(model, tokenizer, config: PruneConfig, device: torch.device) -> _Tar
         spec = str(model) if model is not None else config.model
         dtype = resolve_dtype(r.dtype, device)
         source = open_source(spec, r.trust_remote_code, r.allow_pickle)
-        tok = load_tokenizer(source, r.trust_remote_code)
+        tok = tokenizer if tokenizer is not None else load_tokenizer(source, r.trust_remote_code)
         protect = [p for p in (source.local_dir, *input_paths(spec)) if p is not None]
         return _Target(None, tok, source.description, source.local_dir, source.identity, source.config, dtype, source,
                        protect)
@@ -163,7 +163,8 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
           calibration_ids: torch.Tensor | None = None) -> PruneOutcome:
     """Prune ``model`` (a loaded HF model, a path or hub id, or None for ``config.model``) as ``config`` says.
 
-    An in-memory model is pruned in place; files it was loaded from are never written. With
+    An in-memory model is pruned in place; files it was loaded from are never written. ``tokenizer``, when
+    given, is used instead of the one stored with a model given as a path. With
     ``config.output`` the result is exported there, report included. ``calibration_ids`` (n x seqlen token
     ids) replaces the sampling of ``config.calibration`` when given.
 
@@ -174,6 +175,9 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
     if isinstance(model, PruneConfig):
         raise ConfigError("prune() got a PruneConfig where the model goes: call prune(config=...) or "
                           "prune(model, config)")
+    if isinstance(tokenizer, (str, Path)):
+        raise ConfigError("tokenizer= takes a tokenizer object (AutoTokenizer.from_pretrained(...)), not a path; "
+                          "a model given as a path brings its own")
     config = (config or PruneConfig()).validate()
     r = config.runtime
     device = resolve_device(r.device)

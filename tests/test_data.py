@@ -78,3 +78,9 @@ def test_eval_text_joins_documents(shared_data):
     need_files(shared_data, "rte_validation.parquet")
     corpus = load_eval_text(str(shared_data / "rte_validation.parquet"), column="sentence1")
     assert corpus.text.count("\n\n") == 276
+
+
+def test_raw_text_where_a_source_belongs_is_a_clear_error():
+    for text in ("A sentence. " * 40, "line one\nline two"):
+        with pytest.raises(DataError, match="looks like text, not a source"):
+            read_corpus(text, "evaluation")

@@ -109,6 +109,9 @@ def _locate(model, tokenizer, config: PruneConfig, device: torch.device) -> _Tar
     local = Path(name) if name and Path(name).is_dir() else None
     identity = str(local.resolve()) if local is not None else name
     dtype = next(model.parameters()).dtype
+    if r.dtype != "auto" and resolve_dtype(r.dtype, device) != dtype:
+        log.warning("runtime.dtype %s does not apply to a model object: it is pruned in its own %s (convert it "
+                    "first with model.to(...))", r.dtype, str(dtype).removeprefix("torch."))
     return _Target(model, tokenizer, name, local, identity, getattr(model, "config", {}), dtype,
                    protect=input_paths(model))
 

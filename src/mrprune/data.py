@@ -108,14 +108,21 @@ def read_corpus(source: str | None, purpose: str, column: str = "text") -> Corpu
     if source == EMBEDDED:
         return Corpus(f"embedded:pydoc_data.topics[{purpose}]", text=embedded_text(purpose))
     path = Path(source).expanduser()
-    if path.is_file():
+    try:
+        is_file, exists = path.is_file(), path.exists()
+    except OSError:  # e.g. a name too long for the filesystem: raw text where a source's name belongs
+        is_file = exists = False
+    if "\n" in source or (not exists and len(source) > 255):
+        raise DataError(f"{purpose} text source {source[:40]!r}... looks like text, not a source: give a file, "
+                        "'embedded', or a hub dataset name (write the text to a file)")
+    if is_file:
         if path.suffix.lower() in (".parquet", ".jsonl", ".json"):
             return Corpus(str(path), documents=_read_documents(path, column))
         try:
             return Corpus(str(path), text=path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as exc:
             raise DataError(f"cannot read text file {path}: {exc}") from None
-    if path.exists():
+    if exists:
         raise DataError(f"{source} is not a file")
     if source in HUB_ALIASES or (source.count("/") == 1 and not source.startswith((".", "/"))):
         return _hub_corpus(source, purpose, column)

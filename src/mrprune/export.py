@@ -106,6 +106,15 @@ def check_output(output: str | Path, overwrite: bool, protect: Path | Sequence[P
 
 
 def _umask() -> int:
+    """The process's umask: read from /proc where Linux shows it (setting it to read it back races with any
+    thread creating a file meanwhile), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

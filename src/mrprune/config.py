@@ -205,6 +205,7 @@ def _check_types(config: Any, prefix: str = "") -> None:
 
 
 def _is_a(hint: Any, value: Any) -> bool:
+    """The one type rule of a config value, for files (``from_dict``) and for configs built in code."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return any(_is_a(arg, value) for arg in typing.get_args(hint))
     if hint is type(None):
@@ -217,7 +218,7 @@ def _is_a(hint: Any, value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is str:
         return isinstance(value, (str, os.PathLike))  # paths are text options too
-    return True  # containers and Any: checked where they are used
+    return hint is Any
 
 
 def _type_name(hint: Any) -> str:
@@ -323,24 +324,16 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, path)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            try:
-                return float(value)
-            except OverflowError:  # an integer beyond any float
-                raise ConfigError(f"config key '{path}' expects a float, got an integer too large for one") from None
-    elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif hint is Any:
-        return value
-    raise ConfigError(f"config key '{path}' expects {getattr(hint, '__name__', hint)}, got {value!r}")
+    if hint is str and _is_a(float, value):  # a number where text belongs (a YAML scalar): its text
+        return str(value)
+    if not _is_a(hint, value):
+        raise ConfigError(f"config key '{path}' expects {_type_name(hint)}, got {value!r}")
+    if hint is float:
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float
+            raise ConfigError(f"config key '{path}' expects a float, got an integer too large for one") from None
+    return os.fspath(value) if hint is str else value
 
 
 def load_config(path: str | Path, cls: type = PruneConfig) -> Any:

@@ -71,6 +71,17 @@ def input_paths(*models) -> list[Path]:
     return paths
 
 
+def check_clear_of_inputs(out: Path, protect: Path | Sequence[Path | None] | None) -> None:
+    """An output (file or directory) may neither be an input model, nor lie in an input's directory, nor hold
+    an input (replacing it would delete the input)."""
+    protected = [protect] if isinstance(protect, (str, Path)) else list(protect or [])
+    for path in (Path(p).resolve() for p in protected if p is not None):
+        if out == path or (path.is_dir() and _inside(out, path)):
+            raise OutputError(f"output {out} is inside the input model directory {path}; choose another place")
+        if _inside(path, out):
+            raise OutputError(f"output {out} contains the input model {path}; choose another place")
+
+
 def check_output(output: str | Path, overwrite: bool, protect: Path | Sequence[Path | None] | None,
                  needed_bytes: int | None = None, size_detail: str = "", marker: str = REPORT_NAME) -> Path:
     """Validate the output directory before any heavy work; returns its absolute path.
@@ -80,12 +91,7 @@ def check_output(output: str | Path, overwrite: bool, protect: Path | Sequence[P
     never delete a directory of other files. With ``needed_bytes`` also check that its filesystem has room for
     the export (the old directory is replaced only at the end, so an overwritten export needs the full room)."""
     out = Path(output).expanduser().resolve()
-    protected = [protect] if isinstance(protect, (str, Path)) else list(protect or [])
-    for path in (Path(p).resolve() for p in protected if p is not None):
-        if path.is_dir() and _inside(out, path):
-            raise OutputError(f"output {out} is inside the input model directory {path}; choose another place")
-        if _inside(path, out):
-            raise OutputError(f"output {out} contains the input model {path}; choose another place")
+    check_clear_of_inputs(out, protect)
     if out.exists():
         if not out.is_dir():
             raise OutputError(f"output {out} exists and is not a directory")

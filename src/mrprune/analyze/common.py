@@ -20,7 +20,14 @@ from ..config import PruneConfig, merge
 from ..data import Corpus, load_eval_text, read_corpus, sample_calibration
 from ..errors import ConfigError, OutputError
 from ..evaluate.perplexity import PerplexityResult, perplexity
-from ..export import check_output, existing_ancestor, publish_mode, write_dir_atomically, write_json
+from ..export import (
+    check_clear_of_inputs,
+    check_output,
+    existing_ancestor,
+    publish_mode,
+    write_dir_atomically,
+    write_json,
+)
 from ..metrics import build_metric
 from ..metrics.pattern import SparsityPattern
 from ..models.adapter import LinearRef, ModelAdapter, get_adapter
@@ -208,10 +215,7 @@ def prepare_files(paths: Sequence[Path], overwrite: bool, protect: Sequence[Path
     input model's directory (``protect``)."""
     for path in paths:
         path = Path(path).expanduser().resolve()
-        for model in protect:
-            model = Path(model).resolve()
-            if path == model or (model.is_dir() and model in path.parents):
-                raise OutputError(f"output {path} is inside the input model {model}; choose another place")
+        check_clear_of_inputs(path, protect)
         if path.exists() and not path.is_file():
             raise OutputError(f"output {path} exists and is not a file")
         if path.exists() and not overwrite:

@@ -326,22 +326,23 @@ def prepare_tasks(tasks: str | Sequence[str], task_data: str | Path | None = Non
     return ZeroShotTasks(plans, task_dir, manager)
 
 
-class _DropInstanceWarnings(logging.Filter):
-    """HFLM warns on every in-memory model that other arguments are ignored; passing one is the point here."""
+class _DropMessages(logging.Filter):
+    """Drop a library's log records that contain any of ``fragments``: notes that are expected here."""
+
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not message.startswith(("`pretrained` model kwarg is not of type", "Passed an already-initialized"))
+        return not any(fragment in message for fragment in self.fragments)
 
 
-class _DropDefaultMetricWarnings(logging.Filter):
-    """lm-eval warns, for its own rte and for our copy of it, that a metric's aggregation is left to its
-    default (the mean): that default is the task's definition, not a problem to report on every run."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not ("is defined, but aggregation is not" in message or "is defined, but higher_is_better is not"
-                    in message)
+#: HFLM warns on every in-memory model that other arguments are ignored; passing one is the point here
+_INSTANCE_WARNINGS = ("`pretrained` model kwarg is not of type", "Passed an already-initialized")
+#: lm-eval warns, for its own rte and for our copy of it, that a metric's aggregation is left to its default
+#: (the mean): that default is the task's definition, not a problem to report on every run
+_DEFAULT_METRIC_WARNINGS = ("is defined, but aggregation is not", "is defined, but higher_is_better is not")
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -477,14 +478,14 @@ def evaluate_zeroshot(
         log.warning("local tasks have only a validation split: few-shot examples come from it (lm-eval leaves "
                     "out the item being asked)")
     hf_logger = logging.getLogger("lm_eval.models.huggingface")
-    quiet = _DropInstanceWarnings()
+    quiet = _DropMessages(*_INSTANCE_WARNINGS)
     hf_logger.addFilter(quiet)
     try:
         # lm-eval may add a pad token to the tokenizer it is given: give it a copy, keep the caller's as it was
         lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
     finally:
         hf_logger.removeFilter(quiet)
-    task_logger, defaults = logging.getLogger("lm_eval.api.task"), _DropDefaultMetricWarnings()
+    task_logger, defaults = logging.getLogger("lm_eval.api.task"), _DropMessages(*_DEFAULT_METRIC_WARNINGS)
     task_logger.addFilter(defaults)
     try:
         output = lm_eval.simple_evaluate(

@@ -8,6 +8,7 @@ subclass in ``ADAPTERS`` under its ``model_type``. Everything else in mrprune re
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -177,5 +178,11 @@ def check_context(model: nn.Module, seqlen: int, what: str) -> None:
     if learned:
         raise ConfigError(f"{what} of {seqlen} tokens is longer than the model's context of {length} (its position "
                           f"table has no row past that); use at most {length}")
+    _warn_beyond_context(what, seqlen, length)
+
+
+@functools.cache
+def _warn_beyond_context(what: str, seqlen: int, length: int) -> None:
+    """Once per kind of window: an analysis measures perplexity once per block and metric."""
     log.warning("%s of %d tokens is beyond the model's context of %d; figures past it may mean little", what, seqlen,
                 length)

@@ -11,7 +11,7 @@ import torch
 from . import preflight
 from .allocate import AllocationContext, IterativeAllocator, build_allocator
 from .checkpoint import Checkpoint, fingerprint
-from .config import CHOICES, PruneConfig, check_positive
+from .config import CHOICES, PruneConfig, check_choice, check_positive
 from .data import load_eval_text, read_corpus, sample_calibration
 from .errors import ConfigError
 from .evaluate import zeroshot as zs
@@ -359,8 +359,7 @@ def evaluate_perplexity(
     check_positive("seqlen", seqlen)
     if max_windows is not None:
         check_positive("max_windows", max_windows)
-    if bos not in CHOICES["evaluation.bos"]:
-        raise ConfigError(f"unknown bos '{bos}'; choose one of: {', '.join(CHOICES['evaluation.bos'])}")
+    check_choice("bos", bos, CHOICES["evaluation.bos"])
     if model is not None and not isinstance(model, (str, Path)) and tokenizer is None:
         raise ConfigError("evaluating a model object needs its tokenizer: pass tokenizer=...")
     if model is None or isinstance(model, (str, Path)):

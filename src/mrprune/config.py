@@ -155,10 +155,10 @@ class PruneConfig:
         from .metrics.pattern import SparsityPattern
 
         _check_types(self)
-        _check_choice("metric", self.metric, METRICS)
-        _check_choice("allocation.method", self.allocation.method, ALLOCATORS)
+        check_choice("metric", self.metric, METRICS)
+        check_choice("allocation.method", self.allocation.method, ALLOCATORS)
         for path, choices in CHOICES.items():
-            _check_choice(path, functools.reduce(getattr, path.split("."), self), choices)
+            check_choice(path, functools.reduce(getattr, path.split("."), self), choices)
         pattern = SparsityPattern.parse(self.pattern)
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
@@ -249,7 +249,7 @@ CHOICES = {
 }
 
 
-def _check_choice(name: str, value: str, choices) -> None:
+def check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
         raise ConfigError(f"unknown {name} '{value}'; choose one of: {', '.join(sorted(choices))}")
 

@@ -28,6 +28,7 @@ from mrprune.config import merge
 from mrprune.metrics import SparsityPattern, build_metric
 from mrprune.models import get_adapter
 from mrprune.runner import SequentialPruner
+from mrprune.runtime import place_model, streamed_blocks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import number_or_text
@@ -89,8 +90,19 @@ def floor(adapter, ids, args, offload: bool) -> dict:
     for index in range(adapter.num_blocks):
         runner._block_on_device(index)
         runner.advance(acts)
-        runner._release(index)
+        runner._release(index, changed=False)
     return {"phases": runner.timer.as_dict()}
+
+
+def streamed_eval(model, adapter, ids, args, offload: bool) -> dict:
+    """Forwards of ``--eval-windows`` windows through the whole model, the way perplexity evaluation runs
+    (with --offload every block moves in for its forward and back after it)."""
+    device = torch.device("cuda")
+    place_model(model, adapter.blocks_name, device, offload)
+    with streamed_blocks(adapter.blocks, device, offload), torch.inference_mode():
+        for window in ids[: args.eval_windows]:
+            model(input_ids=window[None].to(device), use_cache=False, logits_to_keep=1)
+    return {}
 
 
 def mrprune_run(model, ids, args, method: str, offload: bool) -> dict:
@@ -173,7 +185,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--mrp-sparsity", type=float, default=0.7)
-    parser.add_argument("--runs", default="floor,magnitude,wanda,sparsegpt,mrp-fast,mrp")
+    parser.add_argument("--runs", default="floor,magnitude,wanda,sparsegpt,mrp-fast,mrp",
+                        help="also 'eval': --eval-windows forwards of the whole model")
+    parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--offload", default="no,yes", help="which of no,yes to run")
     parser.add_argument("--offload-runs", default=None, help="runs repeated with --offload (default: --runs)")
     parser.add_argument("--offload-activations", action="store_true", help="with --offload, activations on CPU")
@@ -202,6 +216,8 @@ def main() -> None:
             weights.restore(offload)
             if run == "floor":
                 result = measure(lambda: floor(adapter, ids, args, offload))
+            elif run == "eval":
+                result = measure(lambda o=offload: streamed_eval(model, adapter, ids, args, o))
             else:
                 result = measure(lambda: mrprune_run(model, ids, args, run, offload))
             rows.append({"run": run, "offload": offload, **result})

@@ -311,6 +311,7 @@ def _prune_loaded(config: PruneConfig, target: _Target, adapter: ModelAdapter, m
         with timer.phase("allocation"):
             allocation = allocator.allocate(ctx)
         records = runner.run(calib_ids, allocation.whole_weight_targets(adapter))
+    runner.close()
     if config.evaluate:
         ppl["after"] = measure().to_dict()
     zeroshot = {}

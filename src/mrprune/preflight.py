@@ -4,8 +4,9 @@ A 70B run that dies of out-of-memory at block 60 has wasted hours; most such run
 the model's shape and the options alone. The estimate is deliberately simple (order of magnitude, erring a
 little high), built from named parts so the refusal can say what dominates:
 
-* the model: all weights on the device, or with ``--offload`` only the parts outside the blocks plus the
-  largest block (the others wait on the host); the host holds the whole model while it loads;
+* the model: all weights on the device, or with ``--offload`` only the parts outside the blocks plus two of
+  the largest block (the one at work and the next, copied in meanwhile; all wait on the host); the host holds
+  the whole model while it loads;
 * cached calibration activations, n x seqlen x hidden x dtype size, twice while they are captured (the
   captured batches and their concatenation); on the host with ``--offload-activations``; exact MRP adds its
   cached block inputs (``allocate.mrp.auto_stride``: one per ``stride`` blocks, at most a quarter of the free
@@ -198,12 +199,13 @@ def estimate(shape: ModelShape, plan: RunPlan, free: dict[str, int | None] | Non
     store = "host" if plan.offload_activations or not cuda else "device"
     pools: dict[str, dict[str, int]] = {"host": {}} | ({"device": {}} if cuda else {})
 
-    # the model, for the whole run: on the device all of it (with offload the outside parts and one block at a
-    # time, the other blocks on the host); weights already where they will stay are in use, not needed
+    # the model, for the whole run: on the device all of it (with offload the outside parts, the block at work
+    # and the next one on its way, all blocks on the host); weights already where they will stay are in use
     loading = {"host": shape.total_bytes if plan.resident is None else 0}  # it loads on the host first
     if cuda:
         if plan.resident != "device":
-            pools["device"]["model"] = shape.outside_bytes + shape.block_bytes if plan.offload else shape.total_bytes
+            pools["device"]["model"] = (shape.outside_bytes + 2 * shape.block_bytes if plan.offload
+                                          else shape.total_bytes)
         if plan.offload and plan.resident != "host":
             pools["host"]["model"] = shape.total_bytes - shape.outside_bytes
     elif plan.resident is None:

@@ -20,7 +20,7 @@ from .metrics.base import LayerStats, PruningMetric
 from .metrics.pattern import SparsityPattern
 from .models.adapter import LinearRef, ModelAdapter, check_context
 from .numerics import check_pruned_weight, check_stats, require_finite_activations
-from .runtime import PhaseTimer, place_model
+from .runtime import BlockMover, PhaseTimer, place_model
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class SequentialPruner:
         self.checkpoint = checkpoint
         self.dtype = next(adapter.model.parameters()).dtype
         place_model(adapter.model, adapter.blocks_name, device, offload)
+        self.mover = BlockMover(adapter.blocks, device, enabled=offload)
 
     # ------------------------------------------------------------------------------------------- activations
     def capture(self, input_ids: torch.Tensor) -> Activations:
@@ -105,16 +106,20 @@ class SequentialPruner:
         return Activations(hidden, calls, int(self.checkpoint.progress["next_block"]))
 
     def _block_on_device(self, index: int):
-        block = self.adapter.blocks[index]
         if self.offload:
             with self.timer.phase("block moves"):
-                block.to(self.device)
-        return block
+                return self.mover.fetch(index)
+        return self.adapter.blocks[index]
 
-    def _release(self, index: int) -> None:
+    def close(self) -> None:
+        """Every offloaded block back on the host and no copy left on the device."""
+        self.mover.close()
+
+    def _release(self, index: int, changed: bool = True) -> None:
+        """Block ``index`` back to the host; ``changed=False`` (a pass that only reads it) skips the copy."""
         if self.offload:
             with self.timer.phase("block moves"):
-                self.adapter.blocks[index].to("cpu")
+                self.mover.release(index, changed)
 
     def collect_stats(self, acts: Activations, layers: list[LinearRef], sq_norm: bool = False) -> dict[str, LayerStats]:
         """Statistics of ``layers`` (all in block ``acts.index``) from one forward over the cached inputs: what
@@ -196,7 +201,7 @@ class SequentialPruner:
                     stats.update(self.block_statistics(acts, index, dense_weights=dense_weights))
                     self.advance(acts)
             finally:
-                self._release(index)
+                self._release(index, changed=False)  # only read (dense weights, if given, went in and back out)
         return stats
 
     # ------------------------------------------------------------------------------------------------ prune
@@ -242,6 +247,7 @@ class SequentialPruner:
         ckpt = self.checkpoint
         if ckpt is None or not ckpt.resuming:
             return 0, []
+        self.close()  # no block copy in flight while the host weights are rewritten
         with self.timer.phase("resume"):
             ckpt.restore_weights(self.adapter)
         return int(ckpt.progress["next_block"]), ckpt.records()

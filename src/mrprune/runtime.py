@@ -5,16 +5,20 @@ from __future__ import annotations
 import contextlib
 import resource
 import sys
+import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on the current stream only: copies a BlockMover runs on its own stream go on
+    overlapping with the next phase."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 class PhaseTimer:
@@ -102,27 +106,175 @@ def place_model(model: nn.Module, blocks_prefix: str, device: torch.device, offl
         model.to(device)
 
 
+@dataclass
+class _Slot:
+    """One parameter or buffer of a block: where it lives in its module, and its host (master) copy."""
+
+    module: nn.Module
+    key: str
+    is_param: bool
+    host: torch.Tensor
+
+    def current(self) -> torch.Tensor:
+        return self.module._parameters[self.key].data if self.is_param else self.module._buffers[self.key]
+
+    def install(self, tensor: torch.Tensor) -> None:
+        if self.is_param:
+            self.module._parameters[self.key].data = tensor
+        else:
+            self.module._buffers[self.key] = tensor
+
+
+def _block_slots(block: nn.Module) -> list[_Slot]:
+    return [_Slot(module, key, is_param, tensor.data if is_param else tensor)
+            for module in block.modules()
+            for store, is_param in ((module._parameters, True), (module._buffers, False))
+            for key, tensor in store.items() if tensor is not None]
+
+
+class BlockMover:
+    """Brings offloaded blocks to the device one at a time and sends them back to the host.
+
+    A block's host tensors stay its master copy while it is on the device: a block released with
+    ``changed=False`` (an evaluation or statistics pass) goes back without a copy, any other is copied back into
+    the same host tensors. On CUDA the next block is copied in by a helper thread on a stream of its own while
+    the current one computes, so at most two blocks are on the device; that copy is used only by the fetch that
+    follows, and whoever writes the host weights of blocks not on the device (a checkpoint's restore) calls
+    :meth:`close` first. Without ``enabled`` (no offloading, or a CPU run) every call is a no-op."""
+
+    def __init__(self, blocks: nn.ModuleList, device: torch.device, enabled: bool = True, wrap: bool = False):
+        self.blocks = blocks
+        self.device = device
+        self.enabled = enabled and device.type != "cpu"
+        self.wrap = wrap  # prefetch block 0 after the last one (a model forward is repeated)
+        self.prefetch = self.enabled and device.type == "cuda"
+        self._stream = torch.cuda.Stream(device) if self.prefetch else None
+        self._resident: dict[int, list[_Slot]] = {}
+        self._pending: _Prefetch | None = None
+
+    def fetch(self, index: int) -> nn.Module:
+        """Block ``index`` on the device (and the next one on its way)."""
+        block = self.blocks[index]
+        if not self.enabled or index in self._resident:
+            return block
+        slots = _block_slots(block)
+        copies = self._take_prefetched(index)
+        with torch.inference_mode(False), torch.no_grad():
+            if copies is None:
+                copies = [slot.host.to(self.device, non_blocking=True) for slot in slots]
+            for slot, copy in zip(slots, copies):
+                slot.install(copy)
+        self._resident[index] = slots
+        self._start_prefetch(index + 1)
+        return block
+
+    def release(self, index: int, changed: bool = True) -> None:
+        """Send block ``index`` back to the host, copying its tensors into their host masters unless the caller
+        knows they did not change."""
+        slots = self._resident.pop(index, None)
+        if slots is None:
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            for slot in slots:
+                if changed:
+                    slot.host.copy_(slot.current())
+                slot.install(slot.host)
+
+    def close(self) -> None:
+        """Every block back on the host (copied back) and no copy left in flight or on the device."""
+        for index in list(self._resident):
+            self.release(index)
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
+
+    # ------------------------------------------------------------------------------------------- prefetch
+    def _start_prefetch(self, index: int) -> None:
+        if not self.prefetch:
+            return
+        if index >= len(self.blocks):
+            if not self.wrap:
+                return
+            index = 0
+        if index in self._resident or (self._pending is not None and self._pending.index == index):
+            return
+        if self._pending is not None:
+            self._pending.wait()
+        hosts = [slot.host for slot in _block_slots(self.blocks[index])]
+        self._pending = _Prefetch(index, hosts, self.device, self._stream)
+
+    def _take_prefetched(self, index: int) -> list[torch.Tensor] | None:
+        """The prefetched copies of block ``index``; a prefetch of another block is dropped (its block was not
+        the one needed next)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        copies = pending.wait()
+        if pending.index != index:
+            return None
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(pending.done)
+        for copy in copies:
+            copy.record_stream(current)  # allocated on the copy stream, used and freed on this one
+        return copies
+
+
+class _Prefetch:
+    """Copies of one block's host tensors, made on a helper thread and a side stream."""
+
+    def __init__(self, index: int, hosts: list[torch.Tensor], device: torch.device, stream: torch.cuda.Stream):
+        self.index = index
+        self.done = torch.cuda.Event()
+        self._copies: list[torch.Tensor] | None = None
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._run, args=(hosts, device, stream), daemon=True,
+                                        name=f"mrprune-prefetch-{index}")
+        self._thread.start()
+
+    def _run(self, hosts: list[torch.Tensor], device: torch.device, stream: torch.cuda.Stream) -> None:
+        try:
+            with torch.no_grad(), torch.cuda.stream(stream):
+                self._copies = [host.to(device, non_blocking=True) for host in hosts]
+                self.done.record(stream)
+        except Exception as exc:  # noqa: BLE001 - re-raised in the thread that needs the copies
+            self._error = exc
+
+    def wait(self) -> list[torch.Tensor]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._copies
+
+
 @contextlib.contextmanager
 def streamed_blocks(blocks: nn.ModuleList, device: torch.device, offload: bool):
-    """While active, each offloaded block moves to ``device`` for its own forward and back to the CPU after."""
+    """While active, each offloaded block moves to ``device`` for its own forward and back to the host after
+    (without a copy: a forward does not change weights); the next block is copied in meanwhile."""
     if not offload:
         yield
         return
-    home = torch.device("cpu")
+    mover = BlockMover(blocks, device, wrap=True)
 
-    def before(module, args):
-        module.to(device)
+    def hooks(index: int):
+        def before(module, args):
+            mover.fetch(index)
 
-    def after(module, args, output):
-        module.to(home)
+        def after(module, args, output):
+            mover.release(index, changed=False)
 
-    handles = [h for block in blocks for h in (block.register_forward_pre_hook(before), block.register_forward_hook(after))]
+        return before, after
+
+    handles = []
+    for index, block in enumerate(blocks):
+        before, after = hooks(index)
+        handles += [block.register_forward_pre_hook(before), block.register_forward_hook(after)]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
-        blocks.to(home)
+        mover.close()
+        blocks.to("cpu")
 
 
 @contextlib.contextmanager

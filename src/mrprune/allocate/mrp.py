@@ -289,6 +289,7 @@ class MrpRun:
         if ckpt.stage() == "mrp-start":
             self.uniform_start(resume=True)
             return
+        self.pruner.close()  # no block copy in flight while the host weights are rewritten
         with self.pruner.timer.phase("resume"):
             ckpt.restore_weights(self.adapter)
         self.trace = list(ckpt.progress["state"].get("trace", []))

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from mrprune import PruneConfig, prune
+from mrprune.config import merge
 from mrprune.metrics import SparsityPattern, build_metric
 from mrprune.models import get_adapter
 from mrprune.runner import SequentialPruner
@@ -149,3 +151,30 @@ def test_streamed_evaluation_matches_a_resident_one_and_leaves_the_blocks_as_the
     assert weight.device.type == "cpu" and not weight.is_inference()
     with torch.no_grad():
         weight.mul_(1.0)  # still an ordinary tensor a later pruning step may change in place
+
+
+@needs_cuda
+@pytest.mark.parametrize("allocation", ["uniform", "mrp", "mrp-fast"])
+def test_an_offloaded_job_prunes_and_evaluates_exactly_as_a_resident_one(cuda, tiny_dir, allocation):
+    """Through the API, with evaluation before and after: the MRP loop fetches blocks out of order and fast MRP
+    runs pilot passes that only read, both paths where a wrong prefetch or a skipped copy would show."""
+    outcomes = []
+    for offload in (False, True):
+        config = merge(PruneConfig(), {
+            "model": str(tiny_dir("llama")), "metric": "wanda", "sparsity": 0.6, "allocation.method": allocation,
+            "allocation.mrp.step": 0.05, "calibration.source": "embedded", "calibration.nsamples": 4,
+            "calibration.seqlen": 32, "evaluate": True, "evaluation.seqlen": 32, "evaluation.max_windows": 3,
+            "runtime.device": "cuda", "runtime.offload": offload,
+        })
+        outcome = prune(config=config, progress=False)
+        model = outcome.model
+        if offload:
+            assert all(p.device.type == "cpu" for p in get_adapter(model).blocks.parameters())
+        outcomes.append((outcome.report, {k: v.detach().cpu() for k, v in model.state_dict().items()}))
+    (resident, resident_weights), (offloaded, offloaded_weights) = outcomes
+    for name, weight in resident_weights.items():
+        assert torch.equal(offloaded_weights[name], weight), name
+    assert offloaded.allocation["block_targets"] == resident.allocation["block_targets"]
+    for when in ("before", "after"):
+        assert offloaded.perplexity[when]["perplexity"] == pytest.approx(resident.perplexity[when]["perplexity"],
+                                                                         rel=1e-5)

@@ -273,8 +273,7 @@ def streamed_blocks(blocks: nn.ModuleList, device: torch.device, offload: bool):
     finally:
         for handle in handles:
             handle.remove()
-        mover.close()
-        blocks.to("cpu")
+        mover.close()  # each block back where it was (one another mover holds on the device stays there)
 
 
 @contextlib.contextmanager

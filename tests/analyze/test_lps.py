@@ -120,6 +120,21 @@ def test_lps_api_leaves_the_model_intact(tokenizer):
     assert result.dense_ppl == pytest.approx(result.perplexity["wanda"][0] - result.increase("wanda")[0])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offloads blocks to a CUDA device")
+def test_offloaded_lps_measures_what_a_resident_one_does_and_leaves_the_model_on_the_host(tokenizer):
+    results = []
+    for offload in (False, True):
+        model = tiny_model("llama")
+        original = state(model)
+        config = fast_config(sparsity=0.5, **{"runtime.device": "cuda", "runtime.offload": offload})
+        results.append(layerwise_sensitivity(model, config, metrics="sparsegpt,wanda", tokenizer=tokenizer,
+                                             progress=False))
+        assert same_state(model, original)
+        assert all(p.device.type == "cpu" for p in model.parameters())  # where the caller had it
+    for metric in ("sparsegpt", "wanda"):
+        assert results[1].perplexity[metric] == pytest.approx(results[0].perplexity[metric], rel=1e-4)
+
+
 @pytest.mark.parametrize("args,fragment", [
     (("--metrics", "wanda,random"), "unknown metric 'random'"),
     (("--sparsity", 1.5), "sparsity must be in [0, 1)"),

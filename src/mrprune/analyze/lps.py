@@ -253,7 +253,7 @@ def sweep(job: common.Job, metrics: Sequence[str], sparsity: float, pattern: Spa
     for index in range(max(blocks) + 1):
         if index not in wanted and acts is None:
             continue
-        first._block_on_device(index)
+        first._block_on_device(index)  # every pruner works on it there; a measurement leaves it there
         try:
             stats = {}
             if acts is not None:
@@ -265,7 +265,6 @@ def sweep(job: common.Job, metrics: Sequence[str], sparsity: float, pattern: Spa
             for name, pruner in pruners.items():
                 bar.set_postfix_str(f"block {index}, {name}")
                 saved = common.snapshot(layers)
-                pruner._block_on_device(index)  # a measurement may have streamed it back to the CPU
                 records = pruner.prune_layers(layers, targets, stats)
                 achieved[name].append(sum(r.zeros for r in records) / sum(r.numel for r in records))
                 try:

@@ -247,3 +247,18 @@ def test_prune_then_eval_rte_through_the_cli(tiny_dir, shared_data, tmp_path, ca
                               "--json")
     again = json.loads(stdout)["tasks"]["rte"]
     assert code == 0 and again["acc"] == rte["acc"] and again["acc_stderr"] == rte["acc_stderr"]
+
+
+@needs_lm_eval
+def test_zeroshot_outside_a_repository_prints_no_git_error(shared_data, tmp_path, monkeypatch, capfd, tokenizer):
+    """lm-eval runs git to stamp its results; outside a repository git's 'fatal:' reached the terminal."""
+    import lm_eval.evaluator
+
+    from tests.conftest import tiny_model
+
+    originals = (lm_eval.evaluator.get_git_commit_hash, lm_eval.evaluator.add_env_info)
+    monkeypatch.chdir(tmp_path)  # not inside any git repository
+    result = zs.evaluate_zeroshot(tiny_model("llama"), tokenizer, "rte", limit=4, task_data=shared_data)
+    assert result.scores[0].task == "rte"
+    assert "fatal" not in capfd.readouterr().err
+    assert (lm_eval.evaluator.get_git_commit_hash, lm_eval.evaluator.add_env_info) == originals

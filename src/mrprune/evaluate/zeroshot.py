@@ -12,6 +12,7 @@ lm-eval is an optional dependency (``pip install 'mrprune[eval]'``) and is impor
 from __future__ import annotations
 
 import bz2
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -452,6 +453,24 @@ def _scores(output: dict[str, Any], plans: list[TaskPlan]) -> list[TaskScore]:
     return sorted(scores, key=lambda s: order.get(s.lm_eval_task, len(order)))  # as asked; group members last
 
 
+@contextlib.contextmanager
+def _without_run_stamps():
+    """lm-eval stamps its results with the git hash of the working directory (running git, whose "fatal: not a
+    git repository" reaches the user's terminal outside a repository) and torch's environment report (about
+    4 s of subprocesses per call); mrprune reads neither, so both are skipped while it evaluates."""
+    import lm_eval.evaluator as evaluator
+
+    stamps = {"get_git_commit_hash": lambda: None, "add_env_info": lambda storage: None}
+    saved = {name: getattr(evaluator, name) for name in stamps if hasattr(evaluator, name)}
+    for name in saved:
+        setattr(evaluator, name, stamps[name])
+    try:
+        yield
+    finally:
+        for name, original in saved.items():
+            setattr(evaluator, name, original)
+
+
 def evaluate_zeroshot(
     model,
     tokenizer,
@@ -488,10 +507,11 @@ def evaluate_zeroshot(
     task_logger, defaults = logging.getLogger("lm_eval.api.task"), _DropMessages(*_DEFAULT_METRIC_WARNINGS)
     task_logger.addFilter(defaults)
     try:
-        output = lm_eval.simple_evaluate(
-            model=lm, tasks=[p.lm_eval_task for p in prepared.plans], num_fewshot=num_fewshot, limit=limit,
-            task_manager=prepared.manager, log_samples=False,
-        )
+        with _without_run_stamps():
+            output = lm_eval.simple_evaluate(
+                model=lm, tasks=[p.lm_eval_task for p in prepared.plans], num_fewshot=num_fewshot, limit=limit,
+                task_manager=prepared.manager, log_samples=False,
+            )
     finally:
         task_logger.removeFilter(defaults)
     result = ZeroShotResult(_scores(output, prepared.plans), num_fewshot, limit, batch_size,

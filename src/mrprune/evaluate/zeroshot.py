@@ -458,7 +458,7 @@ def _without_run_stamps():
     """lm-eval stamps its results with the git hash of the working directory (running git, whose "fatal: not a
     git repository" reaches the user's terminal outside a repository) and torch's environment report (about
     4 s of subprocesses per call); mrprune reads neither, so both are skipped while it evaluates."""
-    import lm_eval.evaluator as evaluator
+    from lm_eval import evaluator
 
     stamps = {"get_git_commit_hash": lambda: None, "add_env_info": lambda storage: None}
     saved = {name: getattr(evaluator, name) for name in stamps if hasattr(evaluator, name)}

@@ -93,21 +93,23 @@ def unit_counts(unit: Unit, sq_norms: dict[str, torch.Tensor], tau: float | None
     return total
 
 
-def with_block(pruner: SequentialPruner, index: int, work):
-    """Run ``work()`` with block ``index`` on the device (it returns to the CPU afterwards if offloaded)."""
+def with_block(pruner: SequentialPruner, index: int, work, changed: bool = True):
+    """Run ``work()`` with block ``index`` on the device (it returns to the CPU afterwards if offloaded, without
+    a copy when ``work`` only read it)."""
     pruner._block_on_device(index)
     try:
         return work()
     finally:
-        pruner._release(index)
+        pruner._release(index, changed)
 
 
 def per_unit_on_device(pruner: SequentialPruner, units: list[Unit], work) -> list:
-    """``work(unit)`` for every unit, visiting blocks in order so each block moves to the device once."""
+    """``work(unit)`` (which only reads the unit) for every unit, visiting blocks in order so each block moves
+    to the device once."""
     results: dict[int, object] = {}
     for block in sorted({u.block for u in units}):
         mine = [u for u in units if u.block == block]
-        with_block(pruner, block, lambda: results.update({u.index: work(u) for u in mine}))
+        with_block(pruner, block, lambda: results.update({u.index: work(u) for u in mine}), changed=False)
     return [results[u.index] for u in units]
 
 
@@ -204,11 +206,11 @@ class MrpRun:
         start = block - block % self.stride
         acts = Activations(self.checkpoints[start].clone(), self.calls, start)
         while acts.index < block:
-            self._with_block(acts.index, lambda: self.pruner.advance(acts))
+            self._with_block(acts.index, lambda: self.pruner.advance(acts), changed=False)
         return acts
 
-    def _with_block(self, index: int, work):
-        return with_block(self.pruner, index, work)
+    def _with_block(self, index: int, work, changed: bool = True):
+        return with_block(self.pruner, index, work, changed)
 
     def _keep_dense_weights(self) -> None:
         pin = self.pruner.device.type == "cuda"
@@ -229,15 +231,21 @@ class MrpRun:
             return
         changed = self.stale_from  # its weights changed; in dense-block mode its statistics did not
         acts = self._activations_at(changed)
-        while acts.index < self.adapter.num_blocks:
-            index = acts.index
+
+        def visit(index: int) -> None:
+            """One turn of the block on the device: its statistics, its outputs and its units' counts."""
             if self.dense_block:
                 if index > changed or not all(ref.name in self.sq_norm for ref in self.adapter.linear_layers(index)):
-                    self._remember(self._with_block(index, lambda: self._observe(acts, index)))
-                self._with_block(index, lambda: self.pruner.advance(acts))
+                    self._remember(self._observe(acts, index))
+                self.pruner.advance(acts)
             else:
-                self._remember(self._with_block(index, lambda: self.pruner.advance(acts, observe=True,
-                                                                                   phase="mrp statistics")))
+                self._remember(self.pruner.advance(acts, observe=True, phase="mrp statistics"))
+            for unit in self.unit_of_block[index]:
+                self._count(unit)
+
+        while acts.index < self.adapter.num_blocks:
+            index = acts.index
+            self._with_block(index, lambda: visit(index), changed=False)
             self._save_checkpoint(acts.index, acts.hidden)
         self.stale_from = self.adapter.num_blocks
 
@@ -246,7 +254,7 @@ class MrpRun:
         metric = self.pruner.metric
         if metric.needs_hessian:
             acts = self._activations_at(unit.block)
-            stats = self._with_block(unit.block, lambda: self._observe(acts, unit.block, hessian=True))
+            stats = self._with_block(unit.block, lambda: self._observe(acts, unit.block, hessian=True), changed=False)
             return {ref.name: stats[ref.name] for ref in unit.layers}
         if metric.needs_sq_norm:
             return {ref.name: LayerStats(sq_norm=self.sq_norm[ref.name]) for ref in unit.layers}

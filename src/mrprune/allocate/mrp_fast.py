@@ -193,7 +193,7 @@ class FastMrpRun:
                 with pruner.weights_of(block, pilot_weights):
                     pruner.advance(acts, phase="pilot")
             finally:
-                pruner._release(block)
+                pruner._release(block, changed=False)  # the pilot weights went in and back out
         return curves  # type: ignore[return-value]
 
     def result(self, final_ratios: list[float]) -> tuple[Allocation, list[LayerRecord]]:

@@ -173,6 +173,7 @@ def cases(root: Path, m: dict[str, Path]) -> list[tuple[str, list[str], dict]]:
         ("--output inside the input model", tiny + ["--output", "tiny/pruned"], {}),
         ("--overwrite on a directory mrprune did not write", tiny + ["--output", "taken", "--overwrite"], {}),
         ("--output below a file", tiny + ["--output", "afile.txt/pruned"], {}),
+        ("--output where nothing can be created (Linux /proc, even as root)", tiny + ["--output", "/proc/pruned"], {}),
         ("an analysis's --output around the input model", ["analyze", "lps", "-q", "--model", "tiny", "--calib",
                                                            "embedded", "--output", ".", "--overwrite"], {}),
         ("--ratios without --allocation file", tiny + ["--ratios", "two.json"], {}),

@@ -82,6 +82,17 @@ def test_output_below_a_file_is_refused_before_any_work(tiny_dir, tmp_path):
         check_output(blocker / "sub", False, model_dir)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where nothing can be created")
+def test_output_where_nothing_can_be_created_is_refused_even_for_root(tiny_dir, tmp_path):
+    """os.access says yes to root for /proc; the check creates a directory, as the export will."""
+    with pytest.raises(OutputError, match="cannot write to /proc: creating a directory there fails"):
+        check_output("/proc/mrprune-out", False, tiny_dir("llama"))
+    area = tmp_path / "area"
+    area.mkdir()
+    check_output(area / "fine", False, tiny_dir("llama"))
+    assert list(area.iterdir()) == []  # the probe left nothing behind
+
+
 def test_exported_directory_follows_the_umask(tiny_dir, tmp_path):
     model_dir = tiny_dir("llama")
     old = os.umask(0o022)

@@ -104,11 +104,21 @@ def check_output(output: str | Path, overwrite: bool, protect: Path | Sequence[P
     parent = existing_ancestor(out.parent)
     if not parent.is_dir():
         raise OutputError(f"cannot create output {out}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write to {parent} (permission denied)")
+    check_writable(parent)
     if needed_bytes is not None:
         check_disk(out, needed_bytes, "the export", size_detail)
     return out
+
+
+def check_writable(directory: Path) -> None:
+    """Create (and remove) a directory in ``directory``, the way the export will: a permission check alone
+    passes for root where nothing can be written (/proc, a read-only bind mount)."""
+    try:
+        probe = tempfile.mkdtemp(prefix=".mrprune-probe-", dir=directory)
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise OutputError(f"cannot write to {directory}: creating a directory there fails ({reason})") from None
+    os.rmdir(probe)
 
 
 def _umask() -> int:

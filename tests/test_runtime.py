@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mrprune import PruneConfig, prune
+from mrprune import PruneConfig, prune, runtime
 from mrprune.config import merge
 from mrprune.metrics import SparsityPattern, build_metric
 from mrprune.models import get_adapter
@@ -92,6 +92,30 @@ def test_a_prefetch_serves_only_the_fetch_that_follows_it(cuda):
     mover.fetch(1)
     assert ref.weight.device.type == "cuda" and int(torch.count_nonzero(ref.weight)) == 0
     mover.release(1)
+    mover.close()
+
+
+@needs_cuda
+def test_a_failed_prefetch_is_copied_again_when_it_ran_out_of_memory_and_ignored_when_unused(cuda, monkeypatch):
+    adapter = get_adapter(tiny_model("llama"))
+    error = torch.cuda.OutOfMemoryError("simulated")
+
+    def fail(self, hosts, device, stream):
+        self._error = error
+
+    monkeypatch.setattr(runtime._Prefetch, "_run", fail)
+    mover = BlockMover(adapter.blocks, cuda)
+    mover.fetch(0)
+    mover.release(0, changed=False)
+    mover.fetch(1)  # its prefetch ran out of memory: copied now instead
+    assert all(t.device.type == "cuda" for t in adapter.blocks[1].state_dict().values())
+    mover.release(1, changed=False)
+    mover.close()  # block 2's failed copy was never needed: no error
+    error = RuntimeError("not a memory shortage")
+    mover.fetch(0)
+    mover.release(0, changed=False)
+    with pytest.raises(RuntimeError, match="not a memory shortage"):
+        mover.fetch(1)
     mover.close()
 
 

@@ -302,16 +302,18 @@ def _prune_loaded(config: PruneConfig, target: _Target, adapter: ModelAdapter, m
     ppl = {}
     if config.evaluate:
         ppl["before"] = measure().to_dict()
-    dense_stats = runner.observe(calib_ids) if allocator.needs_calibration else None
-    ctx = AllocationContext(adapter, resolve_target(config, runner.pattern), config.allocation.granularity, config,
-                            dense_stats=lambda: dense_stats)
-    if isinstance(allocator, IterativeAllocator):
-        allocation, records = allocator.prune(ctx, runner, calib_ids)
-    else:
-        with timer.phase("allocation"):
-            allocation = allocator.allocate(ctx)
-        records = runner.run(calib_ids, allocation.whole_weight_targets(adapter))
-    runner.close()
+    try:  # closed whatever happens: no block copy may stay on the device
+        dense_stats = runner.observe(calib_ids) if allocator.needs_calibration else None
+        ctx = AllocationContext(adapter, resolve_target(config, runner.pattern), config.allocation.granularity,
+                                config, dense_stats=lambda: dense_stats)
+        if isinstance(allocator, IterativeAllocator):
+            allocation, records = allocator.prune(ctx, runner, calib_ids)
+        else:
+            with timer.phase("allocation"):
+                allocation = allocator.allocate(ctx)
+            records = runner.run(calib_ids, allocation.whole_weight_targets(adapter))
+    finally:
+        runner.close()
     if config.evaluate:
         ppl["after"] = measure().to_dict()
     zeroshot = {}

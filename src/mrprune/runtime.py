@@ -184,9 +184,14 @@ class BlockMover:
         """Every block back on the host (copied back) and no copy left in flight or on the device."""
         for index in list(self._resident):
             self.release(index)
-        if self._pending is not None:
-            self._pending.wait()
-            self._pending = None
+        self.drop_prefetch()
+
+    def drop_prefetch(self) -> None:
+        """Forget the copy of the next block (e.g. before other work needs the device memory); a failure of
+        that unused copy is no error of the caller's."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.join()
 
     # ------------------------------------------------------------------------------------------- prefetch
     def _start_prefetch(self, index: int) -> None:
@@ -198,20 +203,21 @@ class BlockMover:
             index = 0
         if index in self._resident or (self._pending is not None and self._pending.index == index):
             return
-        if self._pending is not None:
-            self._pending.wait()
+        self.drop_prefetch()
         hosts = [slot.host for slot in _block_slots(self.blocks[index])]
         self._pending = _Prefetch(index, hosts, self.device, self._stream)
 
     def _take_prefetched(self, index: int) -> list[torch.Tensor] | None:
         """The prefetched copies of block ``index``; a prefetch of another block is dropped (its block was not
         the one needed next)."""
+        if self._pending is None or self._pending.index != index:
+            self.drop_prefetch()
+            return None
         pending, self._pending = self._pending, None
-        if pending is None:
-            return None
-        copies = pending.wait()
-        if pending.index != index:
-            return None
+        try:
+            copies = pending.wait()
+        except torch.cuda.OutOfMemoryError:  # copied in while the previous block still held its memory
+            return None  # the caller copies it now, with that memory freed (or reports the shortage itself)
         current = torch.cuda.current_stream(self.device)
         current.wait_event(pending.done)
         for copy in copies:
@@ -232,15 +238,19 @@ class _Prefetch:
         self._thread.start()
 
     def _run(self, hosts: list[torch.Tensor], device: torch.device, stream: torch.cuda.Stream) -> None:
-        try:
-            with torch.no_grad(), torch.cuda.stream(stream):
+        try:  # a new thread's current device is cuda:0: switch to the stream's (no context made on GPU 0)
+            with torch.no_grad(), torch.cuda.device(stream.device), torch.cuda.stream(stream):
                 self._copies = [host.to(device, non_blocking=True) for host in hosts]
                 self.done.record(stream)
         except Exception as exc:  # noqa: BLE001 - re-raised in the thread that needs the copies
             self._error = exc
 
-    def wait(self) -> list[torch.Tensor]:
+    def join(self) -> None:
         self._thread.join()
+
+    def wait(self) -> list[torch.Tensor]:
+        """The copies, once made; the helper thread's error, if it failed."""
+        self.join()
         if self._error is not None:
             raise self._error
         return self._copies

@@ -260,6 +260,7 @@ def sweep(job: common.Job, metrics: Sequence[str], sparsity: float, pattern: Spa
                 stats = _dense_block_pass(first, acts, want_sq and index in wanted, want_h and index in wanted)
             if index not in wanted:
                 continue
+            first.mover.drop_prefetch()  # the measurements stream every block through the device meanwhile
             layers = job.adapter.linear_layers(index)
             targets = {ref.name: sparsity for ref in layers}
             for name, pruner in pruners.items():
@@ -275,7 +276,7 @@ def sweep(job: common.Job, metrics: Sequence[str], sparsity: float, pattern: Spa
                 bar.update()
             del stats
         finally:
-            first._release(index)
+            first._release(index, changed=index in wanted)
     bar.close()
     return values, achieved
 

@@ -57,6 +57,22 @@ def test_config_file_sets_options_and_flags_win(tiny_dir, tmp_path, capsys):
     assert "pruning    magnitude" in stdout
 
 
+def test_eval_reads_its_protocol_from_a_config_file_and_flags_win(tiny_dir, tmp_path, capsys):
+    model_dir = tiny_dir("llama")
+    config = tmp_path / "job.yaml"
+    config.write_text("evaluation:\n  text: embedded\n  seqlen: 48\n  max_windows: 2\n  bos: never\n"
+                      "  limit: 5\nruntime:\n  dtype: float32\n")
+    code, stdout, _ = run_cli(capsys, "eval", "-q", model_dir, "--config", config, "--json")
+    from_file = json.loads(stdout)
+    assert code == 0 and (from_file["windows"], from_file["seqlen"], from_file["bos_per_window"]) == (2, 48, False)
+    # a zero-shot setting in the file is no mistake of this perplexity run (a typed --limit would be)
+    code, stdout, _ = run_cli(capsys, "eval", "-q", model_dir, "--config", config, "--seqlen", 32, "--json")
+    typed = json.loads(stdout)
+    assert code == 0 and (typed["windows"], typed["seqlen"]) == (2, 32)
+    code, _, err = run_cli(capsys, "eval", "-q", model_dir, "--config", tmp_path / "missing.yaml")
+    assert code == 2 and "missing.yaml" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("args,fragment", [
     (("--sparsity", 1.5), "sparsity must be in [0, 1)"),
     (("--pattern", "3:7"), "needs in_features divisible by 7"),

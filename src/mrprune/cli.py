@@ -181,15 +181,41 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``mrprune eval``'s options (argparse dest) and the PruneConfig fields a --config file gives them
+EVAL_SETTINGS = {
+    "text": "evaluation.text", "seqlen": "evaluation.seqlen", "max_windows": "evaluation.max_windows",
+    "bos": "evaluation.bos", "tasks": "evaluation.tasks", "limit": "evaluation.limit",
+    "num_fewshot": "evaluation.num_fewshot", "task_data": "evaluation.task_data",
+    "zs_batch_size": "evaluation.batch_size", "device": "runtime.device", "dtype": "runtime.dtype",
+    "offload": "runtime.offload", "trust_remote_code": "runtime.trust_remote_code",
+    "allow_pickle": "runtime.allow_pickle",
+}
+
+
+def fill_eval_settings(args: argparse.Namespace) -> set[str]:
+    """Options not typed take their value from the --config file, else from PruneConfig's defaults (the same
+    protocol as ``prune --eval``); returns the options that were typed."""
+    typed = {dest for dest in EVAL_SETTINGS if getattr(args, dest) is not None}
+    config = load_config(args.config) if args.config else PruneConfig()
+    for dest, path in EVAL_SETTINGS.items():
+        if dest not in typed:
+            value = config
+            for part in path.split("."):
+                value = getattr(value, part)
+            setattr(args, dest, value)
+    return typed
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .api import evaluate_perplexity
 
+    typed = fill_eval_settings(args)
     check_positive("--seqlen", args.seqlen)
     if args.max_windows is not None:
         check_positive("--max-windows", args.max_windows)
     if args.tasks is not None:
         return eval_zeroshot(args)
-    if args.limit is not None or args.task_data is not None or args.num_fewshot:
+    if typed & {"limit", "task_data", "num_fewshot"}:
         raise ConfigError("--limit, --num-fewshot and --task-data apply to zero-shot tasks: add --tasks")
     result = evaluate_perplexity(
         args.model, text=args.text, seqlen=args.seqlen, max_windows=args.max_windows, bos=args.bos,
@@ -246,9 +272,12 @@ def format_info(info: dict) -> str:
     return "\n".join(lines)
 
 
-def _add_loading_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
-    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) checkpoints")
+def _add_loading_flags(parser: argparse.ArgumentParser, default: bool | None = False) -> None:
+    """``default=None`` lets a command tell a typed switch from one left to its --config file."""
+    parser.add_argument("--trust-remote-code", action="store_const", const=True, default=default,
+                        help="allow model code from the hub")
+    parser.add_argument("--allow-pickle", action="store_const", const=True, default=default,
+                        help="allow pickle (.bin) checkpoints")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,21 +299,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", nargs="?", default=None, help="model directory, .gguf or hub id (default: embedded)")
     e.add_argument("--text", default=None, help="text file, wikitext2, c4 or embedded (default: wikitext2 when "
                    "online, else embedded)")
-    e.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    e.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 2048)")
     e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
-    e.add_argument("--bos", choices=CHOICES["evaluation.bos"], default="auto", help="BOS per window")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--dtype", default="auto")
-    e.add_argument("--offload", action="store_true", help="stream blocks to the device one at a time")
+    e.add_argument("--bos", choices=CHOICES["evaluation.bos"], default=None, help="BOS per window (default auto)")
+    e.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    e.add_argument("--dtype", default=None, help="auto (default), float32, bfloat16, float16")
+    e.add_argument("--offload", action="store_const", const=True, default=None,
+                   help="stream blocks to the device one at a time")
     e.add_argument("--tasks", default=None, help="zero-shot lm-eval tasks, comma-separated (e.g. rte,hellaswag), "
                    "instead of perplexity (both with --text); needs pip install 'mrprune[eval]'")
     e.add_argument("--limit", type=int, default=None, help="zero-shot: at most this many items per task")
-    e.add_argument("--num-fewshot", type=int, default=0, help="zero-shot: examples in each prompt (default 0)")
-    e.add_argument("--zs-batch-size", type=int, default=1, help="zero-shot: sequences per forward (default 1)")
+    e.add_argument("--num-fewshot", type=int, default=None, help="zero-shot: examples in each prompt (default 0)")
+    e.add_argument("--zs-batch-size", type=int, default=None, help="zero-shot: sequences per forward (default 1)")
     e.add_argument("--task-data", default=None, help="zero-shot: folder of local task data, used instead of the "
                    "hub (rte_validation.parquet, hellaswag_val_full.txt.bz2, ...)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
-    _add_loading_flags(e)
+    e.add_argument("--config", default=None, help="a prune config file (YAML/JSON, e.g. from prune --dump-config):"
+                   " its evaluation.* and runtime loading settings are this command's defaults; flags given here win")
+    _add_loading_flags(e, default=None)
     e.set_defaults(handler=cmd_eval)
 
     i = sub.add_parser("info", parents=[common], help="describe a model", description="Describe a model.")

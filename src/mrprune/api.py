@@ -117,21 +117,10 @@ def _locate(model, tokenizer, config: PruneConfig, device: torch.device) -> _Tar
 
 
 def _early_allocation(allocator, adapter: ModelAdapter, config: PruneConfig, pattern: SparsityPattern) -> None:
-    """Allocations that need only the model's shape (uniform, file) and MRP's options are checked on the
-    weightless skeleton, so a bad ratios file fails before the weights load."""
-    from .allocate.mrp import resolve_start
-
-    method = config.allocation.method
+    """What the allocation can check on the model's shape alone (a ratios file against its blocks, MRP's start
+    against the target) is checked on the weightless skeleton, before the weights load."""
     target = resolve_target(config, pattern)
-    if method in ("uniform", "file"):
-        quiet = logging.getLogger("mrprune.allocate.file")  # its notes come once, from the real allocation
-        was, quiet.disabled = quiet.disabled, True
-        try:
-            allocator.allocate(AllocationContext(adapter, target, config.allocation.granularity, config))
-        finally:
-            quiet.disabled = was
-    elif method in ("mrp", "mrp-fast"):
-        resolve_start(config.allocation.mrp, target)
+    allocator.check_shape(AllocationContext(adapter, target, config.allocation.granularity, config))
 
 
 def _run_plan(config: PruneConfig, device: torch.device, metric, needs_calibration: bool,

@@ -79,6 +79,10 @@ class Allocator(ABC):
     def allocate(self, ctx: AllocationContext) -> Allocation:
         """Per-block or per-layer ratios hitting ``ctx.target`` in the parameter-weighted sense."""
 
+    def check_shape(self, ctx: AllocationContext) -> None:
+        """Raise a ConfigError for what is wrong with this allocation on the model's shape alone (``ctx.adapter``
+        may wrap a weightless skeleton): checked before the weights load. Nothing to check by default."""
+
 
 class IterativeAllocator(Allocator):
     """An allocator that decides the ratios while it prunes (MRP): it drives the sequential pruner itself."""

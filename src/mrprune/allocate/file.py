@@ -43,6 +43,17 @@ class FileAllocator(Allocator):
         self.path = path
 
     def allocate(self, ctx: AllocationContext) -> Allocation:
+        allocation, raw, fitted = self._fit(ctx)
+        shift = max(abs(a - b) for a, b in zip(raw, fitted))
+        if shift > 1e-6:
+            log.warning("ratios from file shifted by up to %.4f to hit the global target", shift)
+        return allocation
+
+    def check_shape(self, ctx: AllocationContext) -> None:
+        self._fit(ctx)  # the file against the model's blocks or layers; the shift is reported by allocate
+
+    def _fit(self, ctx: AllocationContext) -> tuple[Allocation, list[float], list[float]]:
+        """The allocation, with the file's ratios and the ratios fitted to the target."""
         ratios = read_ratios(self.path)
         adapter = ctx.adapter
         if isinstance(ratios, list):
@@ -53,8 +64,7 @@ class FileAllocator(Allocator):
             sizes = adapter.block_sizes()
             target = weighted_mean(ratios, sizes) if ctx.target is None else ctx.target
             fitted = fit_to_target(ratios, sizes, target)
-            self._log_shift(ratios, fitted)
-            return Allocation.from_blocks(self.name, adapter, fitted, target, source=self.path)
+            return Allocation.from_blocks(self.name, adapter, fitted, target, source=self.path), ratios, fitted
         layers = adapter.all_linear_layers()
         names = [ref.name for ref in layers]
         unknown = sorted(set(ratios) - set(names))
@@ -67,11 +77,5 @@ class FileAllocator(Allocator):
         sizes = [ref.numel for ref in layers]
         target = weighted_mean(raw, sizes) if ctx.target is None else ctx.target
         fitted = fit_to_target(raw, sizes, target)
-        self._log_shift(raw, fitted)
-        return Allocation.from_layers(self.name, adapter, dict(zip(names, fitted)), target, source=self.path)
-
-    @staticmethod
-    def _log_shift(raw: list[float], fitted: list[float]) -> None:
-        shift = max(abs(a - b) for a, b in zip(raw, fitted))
-        if shift > 1e-6:
-            log.warning("ratios from file shifted by up to %.4f to hit the global target", shift)
+        allocation = Allocation.from_layers(self.name, adapter, dict(zip(names, fitted)), target, source=self.path)
+        return allocation, raw, fitted

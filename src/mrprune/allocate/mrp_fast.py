@@ -221,6 +221,9 @@ class FastMrpAllocator(IterativeAllocator):
     def __init__(self, options):
         self.options = options
 
+    def check_shape(self, ctx: AllocationContext) -> None:
+        resolve_start(self.options, ctx.target)
+
     def prune(self, ctx: AllocationContext, pruner: SequentialPruner,
               input_ids: torch.Tensor) -> tuple[Allocation, list[LayerRecord]]:
         return FastMrpRun(self.options, ctx, pruner, input_ids).run()

@@ -2,12 +2,14 @@ import hashlib
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
 from mrprune import PruneConfig, prune
+from mrprune.analyze.common import prepare_files
 from mrprune.config import merge
 from mrprune.errors import OutputError
 from mrprune.export import REPORT_NAME, check_output
@@ -87,6 +89,8 @@ def test_output_where_nothing_can_be_created_is_refused_even_for_root(tiny_dir, 
     """os.access says yes to root for /proc; the check creates a directory, as the export will."""
     with pytest.raises(OutputError, match="cannot write to /proc: creating a directory there fails"):
         check_output("/proc/mrprune-out", False, tiny_dir("llama"))
+    with pytest.raises(OutputError, match="cannot write to /proc: creating a directory there fails"):
+        prepare_files([Path("/proc/compare.md")], False)  # the analyses' file outputs share the check
     area = tmp_path / "area"
     area.mkdir()
     check_output(area / "fine", False, tiny_dir("llama"))

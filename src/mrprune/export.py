@@ -101,13 +101,18 @@ def check_output(output: str | Path, overwrite: bool, protect: Path | Sequence[P
             if not (out / marker).exists():
                 raise OutputError(f"output directory {out} holds files mrprune did not write (no {marker}); "
                                   "--overwrite replaces only an earlier mrprune output: choose another place")
+    check_parent(out)
+    if needed_bytes is not None:
+        check_disk(out, needed_bytes, "the export", size_detail)
+    return out
+
+
+def check_parent(out: Path) -> None:
+    """The nearest existing directory above the output ``out`` (a file or a directory) can take it."""
     parent = existing_ancestor(out.parent)
     if not parent.is_dir():
         raise OutputError(f"cannot create output {out}: {parent} is a file, not a directory")
     check_writable(parent)
-    if needed_bytes is not None:
-        check_disk(out, needed_bytes, "the export", size_detail)
-    return out
 
 
 def check_writable(directory: Path) -> None:

@@ -23,7 +23,7 @@ from ..evaluate.perplexity import PerplexityResult, perplexity
 from ..export import (
     check_clear_of_inputs,
     check_output,
-    existing_ancestor,
+    check_parent,
     publish_mode,
     write_dir_atomically,
     write_json,
@@ -220,11 +220,7 @@ def prepare_files(paths: Sequence[Path], overwrite: bool, protect: Sequence[Path
             raise OutputError(f"output {path} exists and is not a file")
         if path.exists() and not overwrite:
             raise OutputError(f"output file {path} already exists; pass --overwrite to replace it")
-        parent = existing_ancestor(path.parent)
-        if not parent.is_dir():
-            raise OutputError(f"cannot create output {path}: {parent} is a file, not a directory")
-        if not os.access(parent, os.W_OK):
-            raise OutputError(f"cannot write to {parent} (permission denied)")
+        check_parent(path)
 
 
 def write_file(path: Path, write: Callable[[Path], None]) -> Path:

@@ -175,3 +175,26 @@ def test_free_memory_readers_degrade_gracefully(monkeypatch):
     monkeypatch.setattr(pf, "Path", lambda *a: (_ for _ in ()).throw(OSError("no /proc")))
     fallback = pf.host_available_bytes()  # sysconf
     assert fallback is None or fallback > 0
+
+
+def test_the_host_room_is_the_least_of_the_process_cgroup_and_its_ancestors(tmp_path):
+    """A batch job's limit sits on its own group (v1: memory:/job/step), not on the mount's root."""
+    def group(path, limit, usage, v1=True):
+        folder = tmp_path / ("memory" if v1 else "") / path
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(str(limit))
+        (folder / ("memory.usage_in_bytes" if v1 else "memory.current")).write_text(str(usage))
+
+    proc = tmp_path / "cgroup"
+    proc.write_text("5:cpu,cpuacct:/elsewhere\n4:memory:/job/step\n0::/\n")
+    group("job/step", 8 << 30, 1 << 30)
+    group("job", 4 << 30, 3 << 30)
+    group("", 9223372036854771712, 5 << 30)  # the root: v1's "no limit"
+    assert pf._cgroup_room(str(proc), str(tmp_path)) == 1 << 30
+    proc.write_text("0::/user/app\n")
+    group("user/app", "max", 1, v1=False)
+    group("user", 6 << 30, 2 << 30, v1=False)
+    assert pf._cgroup_room(str(proc), str(tmp_path)) == 4 << 30
+    proc.write_text("0::/free\n")
+    group("free", "max", 1, v1=False)
+    assert pf._cgroup_room(str(proc), str(tmp_path / "none")) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,16 +17,26 @@ from .data import load_eval_text, read_corpus, sample_calibration
 from .errors import ConfigError
 from .evaluate import zeroshot as zs
 from .evaluate.perplexity import PerplexityResult, eval_windows, perplexity
-from .export import check_disk, check_output, export_bytes, export_model, input_paths
+from .export import check_disk, check_output, check_parent, existing_ancestor, export_bytes, export_model, input_paths
 from .metrics import build_metric
 from .metrics.pattern import SparsityPattern
 from .models.adapter import ModelAdapter, get_adapter
-from .models.loading import (ModelSource, load_model, load_tokenizer, load_weights, open_source, resolve_device,
-                             resolve_dtype, skeleton)
+from .models.loading import (
+    ModelSource,
+    load_model,
+    load_tokenizer,
+    load_weights,
+    maps_in_place,
+    open_source,
+    resolve_device,
+    resolve_dtype,
+    skeleton,
+)
 from .numerics import check_weights
 from .report import PruneReport
 from .runner import SequentialPruner
 from .runtime import PhaseTimer, peak_device_memory_mib, peak_host_memory_mib, place_model, streamed_blocks
+from .spill import SpillStore
 
 log = logging.getLogger(__name__)
 
@@ -124,24 +135,32 @@ def _early_allocation(allocator, adapter: ModelAdapter, config: PruneConfig, pat
 
 
 def _run_plan(config: PruneConfig, device: torch.device, metric, needs_calibration: bool,
-              calib_ids: torch.Tensor | None, resident: str | None) -> preflight.RunPlan:
+              calib_ids: torch.Tensor | None, resident: str | None, mapped: bool = False) -> preflight.RunPlan:
     r, c = config.runtime, config.calibration
+    exact_mrp = config.allocation.method == "mrp"
     n, seqlen = (calib_ids.shape[0], calib_ids.shape[1]) if calib_ids is not None else (c.nsamples, c.seqlen)
     return preflight.RunPlan(
-        device=device, nsamples=n, seqlen=seqlen, batch_size=r.batch_size, offload=r.offload,
+        device=device, nsamples=n, seqlen=seqlen, batch_size=r.batch_size, offload=r.offloads,
         offload_activations=r.offload_activations, calibrate=needs_calibration, hessian=metric.needs_hessian,
-        mrp_stride=config.allocation.mrp.checkpoint_stride if config.allocation.method == "mrp" else None,
+        mrp_stride=config.allocation.mrp.checkpoint_stride if exact_mrp else None,
         eval_seqlen=config.evaluation.seqlen if config.evaluate else None, resident=resident,
         checkpoint=bool(r.checkpoint_dir),
+        mrp_dense=exact_mrp and config.allocation.mrp.activations == "dense-block",
+        spill=r.offload_dir is not None, mapped=mapped,
     )
 
 
 def _check_places(config: PruneConfig, local_dir: Path | None) -> None:
-    """The checkpoint directory may not be the output's, inside it, around it, or inside the input model."""
+    """The checkpoint directory may not be the output's, inside it, around it, or inside the input model; the
+    offload directory may not be inside (or around) any of them."""
+    out = Path(config.output).expanduser().resolve() if config.output is not None else None
+    if config.runtime.offload_dir is not None:
+        _check_offload_dir(Path(config.runtime.offload_dir).expanduser().resolve(), {
+            "--output": out, "the input model": local_dir,
+            "--checkpoint-dir": config.runtime.checkpoint_dir})
     if not config.runtime.checkpoint_dir:
         return
     ckpt = Path(config.runtime.checkpoint_dir).expanduser().resolve()
-    out = Path(config.output).expanduser().resolve() if config.output is not None else None
     if out is not None and (ckpt == out or out in ckpt.parents or ckpt in out.parents):
         raise ConfigError(f"--checkpoint-dir {ckpt} and --output {out} must be separate directories "
                           "(the export replaces the output directory)")
@@ -149,6 +168,20 @@ def _check_places(config: PruneConfig, local_dir: Path | None) -> None:
         src = Path(local_dir).resolve()
         if ckpt == src or src in ckpt.parents or ckpt in src.parents:
             raise ConfigError(f"--checkpoint-dir {ckpt} may not be inside (or contain) the input model {src}")
+
+
+def _check_offload_dir(scratch: Path, others: dict[str, Path | str | None]) -> None:
+    """--offload-dir: a directory that can be created and written to, apart from the job's other places (its
+    scratch directory is removed at the end, the output replaced, the input never written)."""
+    for what, place in others.items():
+        if place is None:
+            continue
+        place = Path(place).expanduser().resolve()
+        if scratch == place or place in scratch.parents or scratch in place.parents:
+            raise ConfigError(f"--offload-dir {scratch} may not be inside (or contain) {what} {place}")
+    if scratch.exists() and not scratch.is_dir():
+        raise ConfigError(f"--offload-dir {scratch} is a file, not a directory")
+    check_parent(scratch / "x")
 
 
 def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, progress: bool = True,
@@ -265,27 +298,64 @@ def _preflight(config: PruneConfig, target: _Target, shaped: torch.nn.Module, al
             acts = 0 if calib_ids is None else 2 * calib_ids.numel() * shape.hidden * shape.dtype_size
             check_disk(checkpoint.directory, int(blocks * 1.1) + acts, "the checkpoint",
                        "the pruned decoder weights + 10%, and the activations twice")
+    if r.offload_dir is not None:
+        _check_offload_room(config, shape, adapter)
     if r.preflight:
         resident = None
         if target.model is not None:
             resident = "device" if next(target.model.parameters()).device.type == "cuda" else "host"
-        preflight.preflight(shape, _run_plan(config, device, metric, needs_calibration, calib_ids, resident))
+        mapped = resident is None and maps_in_place(target.source, target.dtype)
+        preflight.preflight(shape, _run_plan(config, device, metric, needs_calibration, calib_ids, resident,
+                                             mapped))
     return checkpoint
+
+
+def _check_offload_room(config: PruneConfig, shape: preflight.ModelShape, adapter: ModelAdapter) -> None:
+    """--offload-dir holds every block once pruned, and exact MRP's dense copy of the linear layers; sharing a
+    filesystem with the output, it needs room for both (the export is written while the scratch files live)."""
+    blocks = shape.total_bytes - shape.outside_bytes
+    detail = "the decoder blocks"
+    if config.allocation.method == "mrp" and config.allocation.mrp.activations == "dense-block":
+        blocks += sum(shape.dtype_size * ref.numel for ref in adapter.all_linear_layers())
+        detail += " and exact MRP's dense copy of them"
+    needed = int(blocks * 1.02)
+    scratch = existing_ancestor(Path(config.runtime.offload_dir).expanduser().resolve())
+    if config.output is not None:
+        out = existing_ancestor(Path(config.output).expanduser().resolve())
+        if os.stat(out).st_dev == os.stat(scratch).st_dev:
+            needed += export_bytes(shape.parameters, shape.dtype_size)
+            detail += ", and the export on the same filesystem"
+    check_disk(scratch, needed, "--offload-dir", detail)
 
 
 def _prune_loaded(config: PruneConfig, target: _Target, adapter: ModelAdapter, metric, allocator, pattern,
                   calib_ids, eval_corpus, zeroshot_tasks, device: torch.device, timer: PhaseTimer, progress: bool,
                   checkpoint: Checkpoint | None) -> PruneOutcome:
-    """The heavy part: dense statistics, allocation, the sequential pass, evaluation and export."""
+    """The heavy part: dense statistics, allocation, the sequential pass, evaluation and export; with
+    ``--offload-dir`` in a scratch directory there, removed whatever happens."""
+    r = config.runtime
+    spill = SpillStore(r.offload_dir) if r.offload_dir is not None else None
+    try:
+        return _prune_with(config, target, adapter, metric, allocator, pattern, calib_ids, eval_corpus,
+                           zeroshot_tasks, device, timer, progress, checkpoint, spill)
+    finally:
+        if spill is not None:
+            spill.close()
+
+
+def _prune_with(config: PruneConfig, target: _Target, adapter: ModelAdapter, metric, allocator, pattern,
+                calib_ids, eval_corpus, zeroshot_tasks, device: torch.device, timer: PhaseTimer, progress: bool,
+                checkpoint: Checkpoint | None, spill: SpillStore | None) -> PruneOutcome:
     model, tokenizer = target.model, target.tokenizer
+    offload = config.runtime.offloads
     runner = SequentialPruner(
-        adapter, metric, pattern, device, config.runtime.batch_size, config.runtime.offload,
-        config.runtime.offload_activations, timer, progress, checkpoint=checkpoint,
+        adapter, metric, pattern, device, config.runtime.batch_size, offload,
+        config.runtime.offload_activations, timer, progress, checkpoint=checkpoint, spill=spill,
     )
 
     def measure() -> PerplexityResult:
         e = config.evaluation
-        with timer.phase("evaluation"), streamed_blocks(adapter.blocks, device, config.runtime.offload):
+        with timer.phase("evaluation"), streamed_blocks(adapter.blocks, device, offload):
             return perplexity(model, tokenizer, eval_corpus, e.seqlen, e.max_windows, e.bos, device, progress)
 
     ppl = {}
@@ -308,7 +378,7 @@ def _prune_loaded(config: PruneConfig, target: _Target, adapter: ModelAdapter, m
     zeroshot = {}
     if zeroshot_tasks is not None:
         e = config.evaluation
-        with timer.phase("zeroshot"), streamed_blocks(adapter.blocks, device, config.runtime.offload):
+        with timer.phase("zeroshot"), streamed_blocks(adapter.blocks, device, offload):
             zeroshot = zs.evaluate_zeroshot(model, tokenizer, zeroshot_tasks, e.limit, e.num_fewshot,
                                             e.batch_size).to_dict()
 

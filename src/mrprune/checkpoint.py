@@ -44,7 +44,7 @@ NOT_FINGERPRINTED = (
     "output", "overwrite", "evaluate", "evaluation",
     "runtime.device", "runtime.dtype",  # fingerprinted as resolved (device type, dtype)
     "runtime.checkpoint_dir", "runtime.resume", "runtime.remove_checkpoint", "runtime.preflight",
-    "runtime.offload", "runtime.offload_activations",  # placement only: the same arithmetic on the same device
+    "runtime.offload", "runtime.offload_activations", "runtime.offload_dir",  # placement only: same arithmetic
     "runtime.trust_remote_code", "runtime.allow_pickle",
 )
 
@@ -296,8 +296,9 @@ class Checkpoint:
         self.progress = progress
 
     # --------------------------------------------------------------------------------------------- loading
-    def restore_weights(self, adapter: ModelAdapter) -> list[int]:
-        """Copy the saved weights of every saved block into the model; returns the blocks restored."""
+    def restore_weights(self, adapter: ModelAdapter, before_write=None) -> list[int]:
+        """Copy the saved weights of every saved block into the model (``before_write(index)`` first, if given);
+        returns the blocks restored."""
         from safetensors.torch import load_file
 
         blocks = list(self.progress.get("blocks_saved", [])) if self.progress else []
@@ -307,6 +308,8 @@ class Checkpoint:
                 tensors = load_file(path)
             except (OSError, ValueError, RuntimeError) as exc:
                 raise CheckpointError(f"cannot read {path}: {exc}") from None
+            if before_write is not None:
+                before_write(index)
             for ref in adapter.linear_layers(index):
                 saved = tensors.get(f"{ref.name}.weight")
                 if saved is None or saved.shape != ref.module.weight.shape:

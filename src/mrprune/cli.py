@@ -89,6 +89,9 @@ PRUNE_OPTIONS = [
            "float16"),
     Option("--offload", "runtime.offload", "keep blocks on the CPU, moving one at a time to the device",
            flag_only=True),
+    Option("--offload-dir", "runtime.offload_dir", "keep pruned blocks in scratch files in this directory "
+           "instead of RAM (removed at the end; implies --offload on a GPU): for a model larger than the host's "
+           "memory"),
     Option("--offload-activations", "runtime.offload_activations",
            "keep cached calibration activations on the CPU too", flag_only=True),
     Option("--batch-size", "runtime.batch_size", "calibration windows per block forward (default 8)", type=int),

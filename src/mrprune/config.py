@@ -113,12 +113,15 @@ class RuntimeConfig:
     """Where and how a job runs. ``checkpoint_dir`` saves progress after every finished block; ``resume``
     continues from it (same options, same result bit for bit on the CPU); ``remove_checkpoint`` deletes its
     content after a successful run (kept by default: a finished checkpoint re-exports without re-pruning).
-    ``preflight`` refuses, before the weights load, a run whose estimated memory does not fit."""
+    ``preflight`` refuses, before the weights load, a run whose estimated memory does not fit. ``offload_dir``
+    keeps pruned blocks (and exact MRP's dense copy) in scratch files there instead of RAM; on an accelerator
+    it implies ``offload``."""
 
     device: str = "auto"
     dtype: str = "auto"
     offload: bool = False
     offload_activations: bool = False
+    offload_dir: str | None = None
     batch_size: int = 8
     trust_remote_code: bool = False
     allow_pickle: bool = False
@@ -126,6 +129,11 @@ class RuntimeConfig:
     resume: bool = False
     remove_checkpoint: bool = False
     preflight: bool = True
+
+    @property
+    def offloads(self) -> bool:
+        """Blocks wait on the host between their turns (``offload``, or implied by ``offload_dir``)."""
+        return self.offload or self.offload_dir is not None
 
 
 @dataclass

@@ -6,7 +6,10 @@ little high), built from named parts so the refusal can say what dominates:
 
 * the model: all weights on the device, or with ``--offload`` only the parts outside the blocks plus two of
   the largest block (the one at work and the next, copied in meanwhile; all wait on the host); the host holds
-  the whole model while it loads;
+  the whole model while it loads; with ``--offload-dir`` and weights that load mapped from safetensors in the
+  run's dtype, the blocks are page cache throughout (read from the model's files, written to the scratch
+  files) and the host counts only the parts outside them;
+* exact MRP's copy of the dense block weights, on the host (in the scratch files with ``--offload-dir``);
 * cached calibration activations, n x seqlen x hidden x dtype size, twice while they are captured (the
   captured batches and their concatenation); on the host with ``--offload-activations``; exact MRP adds its
   cached block inputs (``allocate.mrp.auto_stride``: one per ``stride`` blocks, at most a quarter of the free
@@ -136,6 +139,9 @@ class RunPlan:
     eval_seqlen: int | None = None
     resident: str | None = None  # where loaded weights are now ('host' or 'device'; counted as used), None: to load
     checkpoint: bool = False  # --checkpoint-dir: activations are copied to the host to be saved
+    mrp_dense: bool = False  # exact MRP (dense-block): a host copy of every block's dense weights
+    spill: bool = False  # --offload-dir: pruned blocks and MRP's dense copy live in files, not in RAM
+    mapped: bool = False  # loading maps the weights from safetensors files (no copy in process memory)
 
 
 @dataclass
@@ -202,15 +208,21 @@ def estimate(shape: ModelShape, plan: RunPlan, free: dict[str, int | None] | Non
 
     # the model, for the whole run: on the device all of it (with offload the outside parts, the block at work
     # and the next one on its way, all blocks on the host); weights already where they will stay are in use
-    loading = {"host": shape.total_bytes if plan.resident is None else 0}  # it loads on the host first
+    # blocks mapped from their files at load and written to --offload-dir files once pruned stay page cache,
+    # which the kernel writes back and evicts as it needs: no process memory for them at any time
+    blocks = shape.total_bytes - shape.outside_bytes
+    held_blocks = 0 if plan.spill and plan.mapped else blocks
+    loading = {"host": shape.outside_bytes + held_blocks if plan.resident is None else 0}  # loads on the host
     if cuda:
         if plan.resident != "device":
             pools["device"]["model"] = (shape.outside_bytes + 2 * shape.block_bytes if plan.offload
                                           else shape.total_bytes)
-        if plan.offload and plan.resident != "host":
-            pools["host"]["model"] = shape.total_bytes - shape.outside_bytes
+        if plan.offload and plan.resident != "host" and held_blocks:
+            pools["host"]["model"] = held_blocks
     elif plan.resident is None:
-        pools["host"]["model"] = shape.total_bytes
+        pools["host"]["model"] = shape.outside_bytes + held_blocks
+    if plan.mrp_dense and not plan.spill:
+        pools["host"]["MRP dense weights"] = blocks
 
     # the largest of the phases that follow each other: capture, a block's turn, evaluation
     phases: dict[str, dict[str, dict[str, int]]] = {}
@@ -290,22 +302,46 @@ def host_available_bytes() -> int | None:
     return available if limit is None else min(available, limit)
 
 
-def _cgroup_room() -> int | None:
-    """Limit minus usage of this process's cgroup (v2 or v1), if it has a limit."""
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+def _cgroup_room(proc_cgroup: str = "/proc/self/cgroup", mount: str = "/sys/fs/cgroup") -> int | None:
+    """The least room (limit minus usage) of this process's memory cgroup and its ancestors (v2 or v1), if
+    any of them has a limit: a batch job's limit is set on its own group, not on the root of the mount."""
+    rooms = []
+    try:
+        files = _cgroup_files(proc_cgroup, Path(mount))
+    except OSError:
+        return None
+    for limit_file, usage_file in files:
         try:
-            raw = Path(limit_file).read_text().strip()
+            raw = limit_file.read_text().strip()
             if raw == "max":
-                return None
-            limit, usage = int(raw), int(Path(usage_file).read_text().strip())
+                continue
+            limit, usage = int(raw), int(usage_file.read_text().strip())
         except (OSError, ValueError):
             continue
-        if limit >= 1 << 60:  # v1 "no limit"
-            return None
-        return max(limit - usage, 0)
-    return None
+        if limit < 1 << 60:  # v1 writes "no limit" as a huge number
+            rooms.append(max(limit - usage, 0))
+    return min(rooms) if rooms else None
+
+
+def _cgroup_files(proc_cgroup: str, mount: Path) -> list[tuple[Path, Path]]:
+    """(limit, usage) files of the memory cgroup of this process and of each group above it."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        lines = []
+    files = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2: one hierarchy
+            root, limit, usage = mount, "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            root, limit, usage = mount / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        own = Path(path.strip().lstrip("/"))
+        files += [(root / group / limit, root / group / usage) for group in (own, *own.parents)]
+    return files or [(mount / "memory.max", mount / "memory.current"),
+                     (mount / "memory" / "memory.limit_in_bytes", mount / "memory" / "memory.usage_in_bytes")]
 
 
 # ---------------------------------------------------------------------------------------------- the check
@@ -318,6 +354,9 @@ def _fixes(pool: str, plan: RunPlan, est: Estimate) -> list[str]:
         fixes.append("--offload")
     if pool == "device" and plan.calibrate and not plan.offload_activations:
         fixes.append("--offload-activations")
+    if pool == "host" and not plan.spill and (parts.get("model", 0) or parts.get("MRP dense weights", 0)) \
+            > 0.5 * est.total(pool) and (plan.mapped or plan.mrp_dense):
+        fixes.append("--offload-dir DIR")
     if plan.calibrate:
         fixes += ["fewer --nsamples", "a shorter --seqlen"]
         if plan.batch_size > 1 and parts.get("block forward", 0) > 0.05 * est.total(pool):

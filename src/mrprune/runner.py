@@ -21,6 +21,7 @@ from .metrics.pattern import SparsityPattern
 from .models.adapter import LinearRef, ModelAdapter, check_context
 from .numerics import check_pruned_weight, check_stats, require_finite_activations
 from .runtime import BlockMover, PhaseTimer, place_model
+from .spill import SpillStore
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class SequentialPruner:
         timer: PhaseTimer | None = None,
         progress: bool = True,
         checkpoint: Checkpoint | None = None,
+        spill: SpillStore | None = None,
     ):
         self.adapter = adapter
         self.metric = metric
@@ -78,7 +80,8 @@ class SequentialPruner:
         self.checkpoint = checkpoint
         self.dtype = next(adapter.model.parameters()).dtype
         place_model(adapter.model, adapter.blocks_name, device, offload)
-        self.mover = BlockMover(adapter.blocks, device, enabled=offload)
+        #: with ``spill``, pruned blocks live in its files instead of the host's RAM
+        self.mover = BlockMover(adapter.blocks, device, enabled=offload, spill=spill)
 
     # ------------------------------------------------------------------------------------------- activations
     def capture(self, input_ids: torch.Tensor) -> Activations:
@@ -154,16 +157,17 @@ class SequentialPruner:
 
     @contextlib.contextmanager
     def weights_of(self, index: int, weights: dict[str, torch.Tensor]):
-        """Temporarily give block ``index``'s linear layers the given weights (e.g. its dense ones)."""
+        """Temporarily give block ``index``'s linear layers the given weights (e.g. its dense ones): swapped in
+        as tensors of their own, so the block's own weights are neither copied nor written meanwhile."""
         layers = self.adapter.linear_layers(index)
-        current = [ref.weight.clone() for ref in layers]
-        for ref in layers:
-            ref.set_weight(weights[ref.name].to(ref.weight.device, non_blocking=True))
+        current = []
         try:
+            for ref in layers:
+                current.append((ref, ref.swap_weight(weights[ref.name])))
             yield
         finally:
-            for ref, weight in zip(layers, current):
-                ref.set_weight(weight)
+            for ref, weight in current:
+                ref.restore_weight(weight)
 
     def block_statistics(self, acts: Activations, index: int, hessian: bool = False,
                          dense_weights: dict[str, torch.Tensor] | None = None,
@@ -211,6 +215,8 @@ class SequentialPruner:
         """Prune each layer to its target. Weights that are already zero count as pruned (masks nest)."""
         records = []
         last_use = {id(stats[ref.name]): ref.name for ref in layers if ref.name in stats}
+        for block in sorted({ref.block for ref in layers}):
+            self.mover.prepare_host_write(block)
         with self.timer.phase("masks"):
             for ref in layers:
                 weight = ref.weight.to(torch.float32)
@@ -249,7 +255,7 @@ class SequentialPruner:
             return 0, []
         self.close()  # no block copy in flight while the host weights are rewritten
         with self.timer.phase("resume"):
-            ckpt.restore_weights(self.adapter)
+            ckpt.restore_weights(self.adapter, before_write=self.mover.prepare_host_write)
         return int(ckpt.progress["next_block"]), ckpt.records()
 
     def save_progress(self, acts: Activations | None, block: int, records: list[LayerRecord],

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .spill import SpillStore
+
 
 def synchronize(device: torch.device) -> None:
     """Wait for the work queued on the current stream only: copies a BlockMover runs on its own stream go on
@@ -140,13 +142,19 @@ class BlockMover:
     the same host tensors. On CUDA the next block is copied in by a helper thread on a stream of its own while
     the current one computes, so at most two blocks are on the device; that copy is used only by the fetch that
     follows, and whoever writes the host weights of blocks not on the device (a checkpoint's restore) calls
-    :meth:`close` first. Without ``enabled`` (no offloading, or a CPU run) every call is a no-op."""
+    :meth:`close` first. Without ``enabled`` (no offloading, or a CPU run) fetch and release move nothing.
 
-    def __init__(self, blocks: nn.ModuleList, device: torch.device, enabled: bool = True, wrap: bool = False):
+    With a ``spill`` store, a block's host tensors move into its files the first time they are written: when a
+    changed block comes back from the device, or (CPU, checkpoint restore) before the host copy itself is
+    written (:meth:`prepare_host_write`)."""
+
+    def __init__(self, blocks: nn.ModuleList, device: torch.device, enabled: bool = True, wrap: bool = False,
+                 spill: SpillStore | None = None):
         self.blocks = blocks
         self.device = device
         self.enabled = enabled and device.type != "cpu"
         self.wrap = wrap  # prefetch block 0 after the last one (a model forward is repeated)
+        self.spill = spill
         self.prefetch = self.enabled and device.type == "cuda"
         self._stream = torch.cuda.Stream(device) if self.prefetch else None
         self._resident: dict[int, list[_Slot]] = {}
@@ -177,8 +185,21 @@ class BlockMover:
         with torch.inference_mode(False), torch.no_grad():
             for slot in slots:
                 if changed:
+                    if self.spill is not None and not self.spill.holds(slot.host):
+                        slot.host = self.spill.empty_like(slot.host)  # the loaded copy is left unwritten
                     slot.host.copy_(slot.current())
                 slot.install(slot.host)
+
+    def prepare_host_write(self, index: int) -> None:
+        """Block ``index``'s host tensors are about to be written where they are (a CPU run's pruning, a
+        checkpoint's restore): with a spill store, move them into its files first. A block on the device is
+        left alone (its host copy is written, and spilled, when it comes back)."""
+        if self.spill is None or index in self._resident:
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            for slot in _block_slots(self.blocks[index]):
+                if slot.host.device.type == "cpu" and not self.spill.holds(slot.host):
+                    slot.install(self.spill.adopt(slot.host))
 
     def close(self) -> None:
         """Every block back on the host (copied back) and no copy left in flight or on the device."""

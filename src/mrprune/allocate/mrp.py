@@ -214,7 +214,11 @@ class MrpRun:
 
     def _keep_dense_weights(self) -> None:
         pin = self.pruner.device.type == "cuda"
+        spill = self.pruner.mover.spill  # --offload-dir: the copy goes to its files
         for ref in self.adapter.all_linear_layers():
+            if spill is not None:
+                self.dense_weights[ref.name] = spill.adopt(ref.weight.detach())
+                continue
             saved = ref.weight.detach().to("cpu", copy=True)
             self.dense_weights[ref.name] = saved.pin_memory() if pin else saved
 

@@ -138,6 +138,9 @@ def load_job(model, tokenizer, config: PruneConfig, need_tokenizer: bool = True)
     if config.runtime.checkpoint_dir or config.runtime.resume:
         raise ConfigError("runtime.checkpoint_dir and runtime.resume apply to 'mrprune prune' only; "
                           "analyses are not resumable")
+    if config.runtime.offload_dir is not None:
+        raise ConfigError("runtime.offload_dir applies to 'mrprune prune' only; analyses keep their blocks in "
+                          "memory (use --offload to keep them on the CPU)")
     model, tokenizer, source, _ = _load(model, tokenizer, config)
     if need_tokenizer and tokenizer is None:
         raise ConfigError("a tokenizer is needed for calibration and evaluation; pass tokenizer=...")

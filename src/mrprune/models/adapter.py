@@ -59,6 +59,17 @@ class LinearRef:
         """Write an (out, in) matrix back into the module, in the module's dtype and device."""
         self.weight.copy_(new.to(self.weight.dtype))
 
+    def swap_weight(self, new: torch.Tensor) -> torch.Tensor:
+        """Give the module the (out, in) matrix ``new`` (in its dtype and device) as a tensor of its own, without
+        writing into the current one; returns the current storage tensor, for :meth:`restore_weight`."""
+        old = self.module.weight.data
+        new = new.to(old.dtype).to(old.device, non_blocking=True)
+        self.module.weight.data = new.t().contiguous() if self.transposed else new
+        return old
+
+    def restore_weight(self, old: torch.Tensor) -> None:
+        self.module.weight.data = old
+
 
 def _num_layers(config) -> int | None:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config

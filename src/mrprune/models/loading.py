@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -262,6 +263,30 @@ def skeleton(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool = 
         log.debug("no weightless skeleton of %s (%s); checks wait for the weights", source.description, exc)
         return None
     return model.eval()
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def maps_in_place(source: ModelSource | None, dtype: torch.dtype) -> bool:
+    """Whether loading maps the weights from their files instead of copying them (local safetensors already in
+    ``dtype``): mapped weights cost page cache, which the kernel can evict, not process memory."""
+    if source is None or source.local_dir is None or not source.local_dir.is_dir():
+        return False
+    files = sorted(source.local_dir.glob("*.safetensors"))
+    if not files:
+        return False
+    try:
+        for path in files:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            dtypes = {entry["dtype"] for key, entry in header.items() if key != "__metadata__"}
+            if any(_SAFETENSORS_DTYPES.get(name) != dtype for name in dtypes):
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
 
 
 def load_weights(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool = False,

@@ -1,0 +1,184 @@
+"""--offload-dir: pruned blocks live in scratch files, not in process memory, and nothing else changes."""
+
+import dataclasses
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mrprune import PruneConfig, preflight, prune
+from mrprune.config import merge
+from mrprune.errors import ResourceError
+from mrprune.models import get_adapter
+from mrprune.models.loading import maps_in_place, open_source, skeleton
+from mrprune.spill import SpillStore
+from tests.test_cli import assert_one_line_error, run_cli
+
+
+def mapped_files() -> dict[str, int]:
+    """Every file mapped into this process, with the anonymous (copied-on-write) kB of its mappings."""
+    files: dict[str, int] = {}
+    path = None
+    with open("/proc/self/smaps", encoding="utf-8", errors="replace") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" not in fields[0]:
+                path = " ".join(fields[5:]) if len(fields) > 5 else None
+                if path:
+                    files.setdefault(path, 0)
+            elif fields[0] == "Anonymous:" and path:
+                files[path] += int(fields[1])
+    return files
+
+
+def job(model_dir: Path, allocation: str = "uniform", metric: str = "wanda", **runtime) -> PruneConfig:
+    return merge(PruneConfig(), {
+        "model": str(model_dir), "metric": metric, "sparsity": 0.6, "allocation.method": allocation,
+        "allocation.mrp.step": 0.05, "calibration.source": "embedded", "calibration.nsamples": 4,
+        "calibration.seqlen": 32, "runtime.device": "cpu", **{f"runtime.{k}": v for k, v in runtime.items()},
+    })
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def test_a_spilled_tensor_lives_in_a_file_of_its_store_and_stays_valid_after_the_store_closes(tmp_path):
+    store = SpillStore(tmp_path / "scratch")
+    source = torch.randn(5, 7)
+    copy = store.adopt(source)
+    assert torch.equal(copy, source) and copy.data_ptr() != source.data_ptr()
+    assert store.holds(copy) and not store.holds(source)
+    assert store.bytes == source.numel() * 4
+    (file,) = store.directory.iterdir()
+    assert any(path.startswith(str(file)) for path in mapped_files())
+    copy.mul_(2)  # a shared mapping: the write lands in the file
+    assert torch.equal(torch.from_file(str(file), size=35, dtype=torch.float32).view(5, 7), source * 2)
+    store.close()
+    assert not store.directory.exists() and (tmp_path / "scratch").is_dir()
+    assert torch.equal(copy, source * 2)  # unlinked, still mapped
+
+
+def test_a_full_disk_is_refused_when_a_file_is_reserved_not_by_a_crash_at_a_later_write(tmp_path, monkeypatch):
+    store = SpillStore(tmp_path)
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(ResourceError, match="cannot reserve 16 bytes .*no space left on device"):
+        store.adopt(torch.zeros(4))
+    store.close()
+
+
+@pytest.mark.parametrize("allocation,metric", [("uniform", "wanda"), ("uniform", "sparsegpt"), ("mrp", "wanda"),
+                                               ("mrp-fast", "wanda")])
+def test_an_offload_dir_changes_no_weight_keeps_the_blocks_in_its_files_and_leaves_nothing(
+        tiny_dir, tmp_path, allocation, metric, device, one_thread):
+    """On the CPU blocks move into the files before they are pruned in place; on CUDA (offload implied) when
+    they come back from the device, pruned."""
+    model_dir = tiny_dir("llama")
+    plain = prune(config=job(model_dir, allocation, metric, device=device.type), progress=False)
+    scratch = tmp_path / "scratch"
+    spilled = prune(config=job(model_dir, allocation, metric, device=device.type, offload_dir=str(scratch)),
+                    progress=False)
+    assert all(p.device.type == "cpu" for p in get_adapter(spilled.model).blocks.parameters())
+    expected, got = weights(plain.model), weights(spilled.model)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    assert spilled.report.allocation["block_targets"] == plain.report.allocation["block_targets"]
+    assert scratch.is_dir() and not any(scratch.iterdir())  # its scratch directory is gone
+    files = [path for path in mapped_files() if path.startswith(str(scratch))]
+    blocks = get_adapter(spilled.model).blocks
+    assert len(files) == sum(1 for _ in blocks.parameters())  # every block tensor: one (deleted) file
+    assert all(path.endswith("(deleted)") for path in files)
+
+
+def test_pruned_blocks_copy_no_page_of_the_mapped_model_file_with_an_offload_dir(tiny_dir, tmp_path, one_thread):
+    """Without it, pruning in place writes into the private mapping of model.safetensors and every written
+    page becomes process memory: the reason the option exists."""
+    first = tiny_dir("llama")
+    second = Path(shutil.copytree(first, tmp_path / "copy"))
+    assert maps_in_place(open_source(str(first)), torch.float32)
+    kept = prune(config=job(first), progress=False)
+    spilled = prune(config=job(second, offload_dir=str(tmp_path / "scratch")), progress=False)
+    anonymous = mapped_files()
+    copied = anonymous[str(first.resolve() / "model.safetensors")]
+    assert copied * 1024 >= 0.5 * sum(p.numel() * 4 for p in get_adapter(kept.model).blocks.parameters())
+    assert anonymous[str(second.resolve() / "model.safetensors")] == 0
+    assert spilled.model is not kept.model
+
+
+def test_a_resumed_run_restores_its_blocks_into_the_offload_dir(tiny_dir, tmp_path, one_thread):
+    model_dir = tiny_dir("llama")
+    ckpt = tmp_path / "ckpt"
+    done = prune(config=job(model_dir, checkpoint_dir=str(ckpt)), progress=False)
+    scratch = tmp_path / "scratch"
+    again = prune(config=job(model_dir, checkpoint_dir=str(ckpt), resume=True, offload_dir=str(scratch)),
+                  progress=False)
+    expected = weights(done.model)
+    for name, weight in weights(again.model).items():
+        assert torch.equal(weight, expected[name]), name
+    restored = [path for path in mapped_files() if path.startswith(str(scratch))]
+    assert len(restored) == sum(1 for _ in get_adapter(again.model).blocks.parameters())
+
+
+def test_weights_map_in_place_only_from_safetensors_in_the_run_dtype(tiny_dir, tmp_path):
+    source = open_source(str(tiny_dir("llama")))
+    assert maps_in_place(source, torch.float32)
+    assert not maps_in_place(source, torch.bfloat16)
+    assert not maps_in_place(None, torch.float32)
+
+
+def test_the_preflight_counts_no_process_memory_for_blocks_mapped_in_and_spilled_out(tiny_dir):
+    model = skeleton(open_source(str(tiny_dir("llama"))), torch.float32, False)
+    adapter = get_adapter(model)
+    shape = preflight.ModelShape.from_model(model, adapter, torch.float32)
+    blocks = shape.total_bytes - shape.outside_bytes
+
+    def host(**plan):
+        return preflight.estimate(shape, preflight.RunPlan(torch.device("cpu"), 4, 32, 4, **plan)).pools["host"]
+
+    assert host()["model"] == shape.total_bytes
+    assert host(spill=True)["model"] == shape.total_bytes  # copied at load (another dtype): still memory
+    assert host(spill=True, mapped=True)["model"] == shape.outside_bytes
+    assert host(mapped=True)["model"] == shape.total_bytes  # pruned in place: every page copied
+    assert host(mrp_dense=True)["MRP dense weights"] == blocks
+    assert "MRP dense weights" not in host(mrp_dense=True, spill=True)
+
+
+def test_offload_dir_mistakes_are_one_line_errors_before_any_work(tiny_dir, tmp_path, capsys):
+    model_dir = tiny_dir("llama")
+    base = ["prune", "--model", model_dir, "--device", "cpu", "--calib", "embedded", "--nsamples", "2",
+            "--seqlen", "16"]
+    code, _, err = run_cli(capsys, *base, "--offload-dir", model_dir / "scratch")
+    assert_one_line_error(code, err, "may not be inside (or contain) the input model")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    code, _, err = run_cli(capsys, *base, "--offload-dir", a_file)
+    assert_one_line_error(code, err, "is a file, not a directory")
+    code, _, err = run_cli(capsys, *base, "--offload-dir", tmp_path / "out" / "scratch", "--output", tmp_path / "out")
+    assert_one_line_error(code, err, "may not be inside (or contain) --output")
+    code, _, err = run_cli(capsys, *base, "--offload-dir", "/proc/scratch")
+    assert_one_line_error(code, err, "cannot write to /proc")
+    code, _, err = run_cli(capsys, "analyze", "lps", "--model", model_dir, "--device", "cpu",
+                           "--offload-dir", tmp_path / "s")
+    assert_one_line_error(code, err, "runtime.offload_dir applies to 'mrprune prune' only")
+    assert not (model_dir / "scratch").exists() and not (tmp_path / "s").exists()
+
+
+def test_a_host_refusal_suggests_the_offload_dir_when_the_blocks_are_what_does_not_fit(tiny_dir):
+    model = skeleton(open_source(str(tiny_dir("llama"))), torch.float32, False)
+    shape = preflight.ModelShape.from_model(model, get_adapter(model), torch.float32)
+    shape = dataclasses.replace(shape, total_bytes=10 * 2**30, outside_bytes=2**30)  # a model of 10 GiB
+    plan = preflight.RunPlan(torch.device("cpu"), 1, 8, 1, calibrate=False, mapped=True)
+    est = preflight.estimate(shape, plan)
+    with pytest.raises(ResourceError, match="--offload-dir DIR"):
+        preflight.check(est, {"host": est.total("host") - 1}, plan)
+    plan.spill = True
+    est = preflight.estimate(shape, plan)
+    assert est.total("host") < 2 * 2**30

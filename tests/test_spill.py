@@ -182,3 +182,9 @@ def test_a_host_refusal_suggests_the_offload_dir_when_the_blocks_are_what_does_n
     plan.spill = True
     est = preflight.estimate(shape, plan)
     assert est.total("host") < 2 * 2**30
+    # an offloaded GPU run of weights that load mapped: the host's peak is the model while it loads
+    gpu = preflight.RunPlan(torch.device("cuda"), 1, 8, 1, calibrate=False, offload=True, mapped=True)
+    est = preflight.estimate(shape, gpu)
+    assert "model (while loading)" in est.pools["host"]
+    with pytest.raises(ResourceError, match="--offload-dir DIR"):
+        preflight.check(est, {"host": est.total("host") - 1}, gpu)

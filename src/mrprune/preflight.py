@@ -354,8 +354,8 @@ def _fixes(pool: str, plan: RunPlan, est: Estimate) -> list[str]:
         fixes.append("--offload")
     if pool == "device" and plan.calibrate and not plan.offload_activations:
         fixes.append("--offload-activations")
-    if pool == "host" and not plan.spill and (parts.get("model", 0) or parts.get("MRP dense weights", 0)) \
-            > 0.5 * est.total(pool) and (plan.mapped or plan.mrp_dense):
+    weights = sum(v for k, v in parts.items() if k.startswith("model") or k == "MRP dense weights")
+    if pool == "host" and not plan.spill and weights > 0.5 * est.total(pool) and (plan.mapped or plan.mrp_dense):
         fixes.append("--offload-dir DIR")
     if plan.calibrate:
         fixes += ["fewer --nsamples", "a shorter --seqlen"]

@@ -17,7 +17,7 @@ from .data import load_eval_text, read_corpus, sample_calibration
 from .errors import ConfigError
 from .evaluate import zeroshot as zs
 from .evaluate.perplexity import PerplexityResult, eval_windows, perplexity
-from .export import check_disk, check_output, check_parent, existing_ancestor, export_bytes, export_model, input_paths
+from .export import check_disk, check_output, check_writable, existing_ancestor, export_bytes, export_model, input_paths
 from .metrics import build_metric
 from .metrics.pattern import SparsityPattern
 from .models.adapter import ModelAdapter, get_adapter
@@ -36,7 +36,7 @@ from .numerics import check_weights
 from .report import PruneReport
 from .runner import SequentialPruner
 from .runtime import PhaseTimer, peak_device_memory_mib, peak_host_memory_mib, place_model, streamed_blocks
-from .spill import SpillStore
+from .spill import SpillStore, on_ram
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def _run_plan(config: PruneConfig, device: torch.device, metric, needs_calibrati
         eval_seqlen=config.evaluation.seqlen if config.evaluate else None, resident=resident,
         checkpoint=bool(r.checkpoint_dir),
         mrp_dense=exact_mrp and config.allocation.mrp.activations == "dense-block",
-        spill=r.offload_dir is not None, mapped=mapped,
+        spill=r.offload_dir is not None and not on_ram(r.offload_dir), mapped=mapped,
     )
 
 
@@ -171,17 +171,27 @@ def _check_places(config: PruneConfig, local_dir: Path | None) -> None:
 
 
 def _check_offload_dir(scratch: Path, others: dict[str, Path | str | None]) -> None:
-    """--offload-dir: a directory that can be created and written to, apart from the job's other places (its
-    scratch directory is removed at the end, the output replaced, the input never written)."""
+    """--offload-dir: a directory that can be created and written to, not inside the job's other places (the
+    input is never written, the output is replaced, the checkpoint holds its own files); it may hold them, as
+    its scratch files go into a subdirectory of their own."""
     for what, place in others.items():
         if place is None:
             continue
         place = Path(place).expanduser().resolve()
-        if scratch == place or place in scratch.parents or scratch in place.parents:
-            raise ConfigError(f"--offload-dir {scratch} may not be inside (or contain) {what} {place}")
-    if scratch.exists() and not scratch.is_dir():
-        raise ConfigError(f"--offload-dir {scratch} is a file, not a directory")
-    check_parent(scratch / "x")
+        if scratch == place or place in scratch.parents:
+            raise ConfigError(f"--offload-dir {scratch} may not be inside {what} {place}")
+    try:
+        if scratch.exists() and not scratch.is_dir():
+            raise ConfigError(f"--offload-dir {scratch} is a file, not a directory")
+        parent = existing_ancestor(scratch)
+        if not parent.is_dir():
+            raise ConfigError(f"--offload-dir {scratch} cannot be created: {parent} is a file, not a directory")
+    except OSError as exc:
+        raise ConfigError(f"--offload-dir {scratch}: {(exc.strerror or str(exc)).lower()}") from None
+    check_writable(parent)
+    if on_ram(scratch):
+        log.warning("--offload-dir %s is on a RAM-backed filesystem (tmpfs): its files take the memory they "
+                    "would save; choose a directory on disk", scratch)
 
 
 def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, progress: bool = True,
@@ -289,6 +299,7 @@ def _preflight(config: PruneConfig, target: _Target, shaped: torch.nn.Module, al
         check_output(config.output, config.overwrite, target.protect,
                      export_bytes(shape.parameters, shape.dtype_size), detail)
     checkpoint = None
+    checkpoint_bytes = 0
     if r.checkpoint_dir:
         fp = fingerprint(config, target.identity, target.model_config, calib_ids, device, target.dtype,
                          adapter.num_blocks)
@@ -296,10 +307,11 @@ def _preflight(config: PruneConfig, target: _Target, shaped: torch.nn.Module, al
         if not checkpoint.resuming:
             blocks = sum(shape.dtype_size * ref.numel for ref in adapter.all_linear_layers())
             acts = 0 if calib_ids is None else 2 * calib_ids.numel() * shape.hidden * shape.dtype_size
-            check_disk(checkpoint.directory, int(blocks * 1.1) + acts, "the checkpoint",
+            checkpoint_bytes = int(blocks * 1.1) + acts
+            check_disk(checkpoint.directory, checkpoint_bytes, "the checkpoint",
                        "the pruned decoder weights + 10%, and the activations twice")
     if r.offload_dir is not None:
-        _check_offload_room(config, shape, adapter)
+        _check_offload_room(config, shape, adapter, checkpoint_bytes)
     if r.preflight:
         resident = None
         if target.model is not None:
@@ -310,9 +322,11 @@ def _preflight(config: PruneConfig, target: _Target, shaped: torch.nn.Module, al
     return checkpoint
 
 
-def _check_offload_room(config: PruneConfig, shape: preflight.ModelShape, adapter: ModelAdapter) -> None:
-    """--offload-dir holds every block once pruned, and exact MRP's dense copy of the linear layers; sharing a
-    filesystem with the output, it needs room for both (the export is written while the scratch files live)."""
+def _check_offload_room(config: PruneConfig, shape: preflight.ModelShape, adapter: ModelAdapter,
+                        checkpoint_bytes: int) -> None:
+    """--offload-dir holds every block once pruned, and exact MRP's dense copy of the linear layers; the export
+    and a new checkpoint are written while the scratch files live, so on a shared filesystem it needs room for
+    them too."""
     blocks = shape.total_bytes - shape.outside_bytes
     detail = "the decoder blocks"
     if config.allocation.method == "mrp" and config.allocation.mrp.activations == "dense-block":
@@ -320,11 +334,16 @@ def _check_offload_room(config: PruneConfig, shape: preflight.ModelShape, adapte
         detail += " and exact MRP's dense copy of them"
     needed = int(blocks * 1.02)
     scratch = existing_ancestor(Path(config.runtime.offload_dir).expanduser().resolve())
-    if config.output is not None:
-        out = existing_ancestor(Path(config.output).expanduser().resolve())
-        if os.stat(out).st_dev == os.stat(scratch).st_dev:
-            needed += export_bytes(shape.parameters, shape.dtype_size)
-            detail += ", and the export on the same filesystem"
+    others = {"the export": (config.output, export_bytes(shape.parameters, shape.dtype_size)),
+              "the checkpoint": (config.runtime.checkpoint_dir, checkpoint_bytes)}
+    try:
+        for what, (place, size) in others.items():
+            if place is not None and size and \
+                    os.stat(existing_ancestor(Path(place).expanduser().resolve())).st_dev == os.stat(scratch).st_dev:
+                needed += size
+                detail += f", and {what} on the same filesystem"
+    except OSError as exc:
+        raise ConfigError(f"--offload-dir {scratch}: {(exc.strerror or str(exc)).lower()}") from None
     check_disk(scratch, needed, "--offload-dir", detail)
 
 

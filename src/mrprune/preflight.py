@@ -212,7 +212,7 @@ def estimate(shape: ModelShape, plan: RunPlan, free: dict[str, int | None] | Non
     # which the kernel writes back and evicts as it needs: no process memory for them at any time
     blocks = shape.total_bytes - shape.outside_bytes
     held_blocks = 0 if plan.spill and plan.mapped else blocks
-    loading = {"host": shape.outside_bytes + held_blocks if plan.resident is None else 0}  # loads on the host
+    loading = {"host": shape.outside_bytes + (0 if plan.mapped else blocks) if plan.resident is None else 0}
     if cuda:
         if plan.resident != "device":
             pools["device"]["model"] = (shape.outside_bytes + 2 * shape.block_bytes if plan.offload

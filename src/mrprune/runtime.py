@@ -179,14 +179,18 @@ class BlockMover:
     def release(self, index: int, changed: bool = True) -> None:
         """Send block ``index`` back to the host, copying its tensors into their host masters unless the caller
         knows they did not change."""
-        slots = self._resident.pop(index, None)
+        slots = self._resident.get(index)
         if slots is None:
             return
+        if changed and self.spill is not None:  # files for all first: a failure leaves the block whole, resident
+            fresh = [None if self.spill.holds(slot.host) else self.spill.empty_like(slot.host) for slot in slots]
+            for slot, host in zip(slots, fresh):
+                if host is not None:
+                    slot.host = host  # the loaded copy is left unwritten
+        del self._resident[index]
         with torch.inference_mode(False), torch.no_grad():
             for slot in slots:
                 if changed:
-                    if self.spill is not None and not self.spill.holds(slot.host):
-                        slot.host = self.spill.empty_like(slot.host)  # the loaded copy is left unwritten
                     slot.host.copy_(slot.current())
                 slot.install(slot.host)
 

@@ -24,16 +24,21 @@ log = logging.getLogger(__name__)
 
 
 class SpillStore:
-    """Tensors in files of one private scratch directory, removed by :meth:`close` (mapped tensors stay valid
-    after it: the files go with their last mapping)."""
+    """Tensors in files of one private scratch directory, removed by :meth:`close`. Each file is unlinked as
+    soon as it is mapped (the mapping keeps it, and its writeback, alive), so a run killed outright leaves no
+    weights behind, and mapped tensors stay valid after :meth:`close`."""
 
     def __init__(self, parent: str | Path):
         parent = Path(parent).expanduser()
-        parent.mkdir(parents=True, exist_ok=True)
-        self.directory = Path(tempfile.mkdtemp(prefix=".mrprune-spill-", dir=parent))
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.directory = Path(tempfile.mkdtemp(prefix=".mrprune-spill-", dir=parent))
+        except OSError as exc:
+            raise ResourceError(f"--offload-dir {parent}: cannot create a scratch directory there "
+                                f"({(exc.strerror or str(exc)).lower()})") from None
         self.bytes = 0
         self._files = 0
-        self._storages: set[int] = set()
+        self._storages: dict[int, torch.UntypedStorage] = {}  # held, so no other storage can take the address
 
     def empty_like(self, tensor: torch.Tensor) -> torch.Tensor:
         """An uninitialised CPU tensor of ``tensor``'s shape and dtype, backed by a new file."""
@@ -42,17 +47,21 @@ class SpillStore:
         path = self.directory / f"{self._files:06d}.bin"
         self._files += 1
         size = tensor.numel() * tensor.element_size()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.posix_fallocate(fd, 0, size)
-        except OSError as exc:
-            raise ResourceError(f"--offload-dir {self.directory.parent}: cannot reserve {size:,} bytes for a "
-                                f"pruned block ({(exc.strerror or str(exc)).lower()}); free some space or choose "
-                                "another place") from None
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+            mapped = torch.from_file(str(path), shared=True, size=tensor.numel(), dtype=tensor.dtype)
+        except (OSError, RuntimeError) as exc:
+            reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc).splitlines()[0]
+            raise ResourceError(f"--offload-dir {self.directory.parent}: cannot reserve {size:,} bytes for "
+                                f"weights there ({reason.lower()}); free some space or choose another place") from None
         finally:
-            os.close(fd)
-        mapped = torch.from_file(str(path), shared=True, size=tensor.numel(), dtype=tensor.dtype)
-        self._storages.add(mapped.untyped_storage().data_ptr())
+            path.unlink(missing_ok=True)
+        storage = mapped.untyped_storage()
+        self._storages[storage.data_ptr()] = storage
         self.bytes += size
         return mapped.view(tensor.shape)
 
@@ -69,7 +78,27 @@ class SpillStore:
 
     def close(self) -> None:
         log.debug("offload dir: %d files, %.1f MiB", self._files, self.bytes / 2**20)
+        self._storages.clear()  # the mappings live on in the tensors that use them
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def on_ram(path: str | Path, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """Whether ``path`` lies on a RAM-backed filesystem (tmpfs, ramfs): files there are memory that cannot be
+    evicted without swap, so spilling to them saves nothing."""
+    target = os.path.realpath(Path(path).expanduser())
+    best, fstype = "", ""
+    try:
+        with open(mountinfo, encoding="utf-8") as mounts:
+            for line in mounts:
+                fields = line.split()
+                point = fields[4].encode().decode("unicode_escape")
+                kind = fields[fields.index("-") + 1]
+                inside = target == point or target.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, fstype = point, kind
+    except (OSError, ValueError, IndexError):
+        return False
+    return fstype in ("tmpfs", "ramfs")
 
     def __enter__(self) -> SpillStore:
         return self

@@ -303,7 +303,7 @@ class MrpRun:
             return
         self.pruner.close()  # no block copy in flight while the host weights are rewritten
         with self.pruner.timer.phase("resume"):
-            ckpt.restore_weights(self.adapter)
+            ckpt.restore_weights(self.adapter, before_write=self.pruner.mover.prepare_host_write)
         self.trace = list(ckpt.progress["state"].get("trace", []))
         self._start_cache()
         self.stale_from = 0

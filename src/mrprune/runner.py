@@ -215,8 +215,10 @@ class SequentialPruner:
         """Prune each layer to its target. Weights that are already zero count as pruned (masks nest)."""
         records = []
         last_use = {id(stats[ref.name]): ref.name for ref in layers if ref.name in stats}
-        for block in sorted({ref.block for ref in layers}):
-            self.mover.prepare_host_write(block)
+        if self.mover.spill is not None:
+            with self.timer.phase("block moves"):  # into the --offload-dir files, before the first write
+                for block in sorted({ref.block for ref in layers}):
+                    self.mover.prepare_host_write(block)
         with self.timer.phase("masks"):
             for ref in layers:
                 weight = ref.weight.to(torch.float32)

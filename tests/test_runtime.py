@@ -202,3 +202,44 @@ def test_an_offloaded_job_prunes_and_evaluates_exactly_as_a_resident_one(cuda, t
     for when in ("before", "after"):
         assert offloaded.perplexity[when]["perplexity"] == pytest.approx(resident.perplexity[when]["perplexity"],
                                                                          rel=1e-5)
+
+
+@needs_cuda
+def test_a_changed_block_of_mapped_weights_gets_host_tensors_of_its_own_once(cuda):
+    blocks = get_adapter(tiny_model("llama")).blocks
+    before = host_pointers(blocks[0])
+    mover = BlockMover(blocks, cuda, fresh_hosts=True)
+    mover.fetch(0)
+    mover.release(0, changed=False)
+    assert host_pointers(blocks[0]) == before  # only read: the loaded tensors stay
+    block = mover.fetch(0)
+    with torch.no_grad():
+        block.mlp.down_proj.weight.mul_(0)
+    mover.release(0)
+    first = host_pointers(blocks[0])
+    assert not set(first) & set(before)
+    assert blocks[0].mlp.down_proj.weight.device.type == "cpu" and not blocks[0].mlp.down_proj.weight.any()
+    mover.fetch(0)
+    mover.release(0)
+    assert host_pointers(blocks[0]) == first  # its own from then on: written in place
+    mover.close()
+
+
+@needs_cuda
+def test_an_offloaded_job_on_mapped_weights_copies_no_page_of_the_model_file(cuda, tiny_dir):
+    """float32 weights saved as float32 load mapped; pruned blocks come back into tensors of their own."""
+    from tests.test_spill import mapped_files
+
+    path = tiny_dir("llama")
+    runs = []
+    for offload in (False, True):
+        config = merge(PruneConfig(), {
+            "model": str(path), "metric": "wanda", "sparsity": 0.6, "calibration.source": "embedded",
+            "calibration.nsamples": 4, "calibration.seqlen": 32, "runtime.device": "cuda",
+            "runtime.dtype": "float32", "runtime.offload": offload})
+        outcome = prune(config=config, progress=False)
+        runs.append({k: v.detach().cpu() for k, v in outcome.model.state_dict().items()})
+        if offload:
+            assert mapped_files().get(str(path.resolve() / "model.safetensors"), 0) == 0  # closed, or no copy
+    for name, weight in runs[0].items():
+        assert torch.equal(runs[1][name], weight), name

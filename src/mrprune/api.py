@@ -370,7 +370,6 @@ def _prune_with(config: PruneConfig, target: _Target, adapter: ModelAdapter, met
     runner = SequentialPruner(
         adapter, metric, pattern, device, config.runtime.batch_size, offload,
         config.runtime.offload_activations, timer, progress, checkpoint=checkpoint, spill=spill,
-        mapped=maps_in_place(target.source, target.dtype),
     )
 
     def measure() -> PerplexityResult:

@@ -66,7 +66,6 @@ class SequentialPruner:
         progress: bool = True,
         checkpoint: Checkpoint | None = None,
         spill: SpillStore | None = None,
-        mapped: bool = False,
     ):
         self.adapter = adapter
         self.metric = metric
@@ -81,9 +80,8 @@ class SequentialPruner:
         self.checkpoint = checkpoint
         self.dtype = next(adapter.model.parameters()).dtype
         place_model(adapter.model, adapter.blocks_name, device, offload)
-        #: with ``spill``, pruned blocks live in its files instead of the host's RAM; ``mapped``: the weights are
-        #: mapped from their files, and offloaded blocks coming back changed get host tensors of their own
-        self.mover = BlockMover(adapter.blocks, device, enabled=offload, spill=spill, fresh_hosts=mapped)
+        #: with ``spill``, pruned blocks live in its files instead of the host's RAM
+        self.mover = BlockMover(adapter.blocks, device, enabled=offload, spill=spill)
 
     # ------------------------------------------------------------------------------------------- activations
     def capture(self, input_ids: torch.Tensor) -> Activations:

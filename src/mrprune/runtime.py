@@ -146,19 +146,15 @@ class BlockMover:
 
     With a ``spill`` store, a block's host tensors move into its files the first time they are written: when a
     changed block comes back from the device, or (CPU, checkpoint restore) before the host copy itself is
-    written (:meth:`prepare_host_write`). Without one, ``fresh_hosts`` (weights mapped from their files) gives a
-    changed block new host tensors the first time it comes back: writing into the file's private mapping would
-    cost a copy-on-write fault per page for the same memory."""
+    written (:meth:`prepare_host_write`)."""
 
     def __init__(self, blocks: nn.ModuleList, device: torch.device, enabled: bool = True, wrap: bool = False,
-                 spill: SpillStore | None = None, fresh_hosts: bool = False):
+                 spill: SpillStore | None = None):
         self.blocks = blocks
         self.device = device
         self.enabled = enabled and device.type != "cpu"
         self.wrap = wrap  # prefetch block 0 after the last one (a model forward is repeated)
         self.spill = spill
-        self.fresh_hosts = fresh_hosts and spill is None
-        self._owned: dict[int, torch.UntypedStorage] = {}  # host storages made here (held: no address reuse)
         self.prefetch = self.enabled and device.type == "cuda"
         self._stream = torch.cuda.Stream(device) if self.prefetch else None
         self._resident: dict[int, list[_Slot]] = {}
@@ -186,8 +182,8 @@ class BlockMover:
         slots = self._resident.get(index)
         if slots is None:
             return
-        if changed and (self.spill is not None or self.fresh_hosts):  # all first: a failure leaves it resident
-            fresh = [self._new_host(slot.host) if self._replaces(slot.host) else None for slot in slots]
+        if changed and self.spill is not None:  # files for all first: a failure leaves the block whole, resident
+            fresh = [None if self.spill.holds(slot.host) else self.spill.empty_like(slot.host) for slot in slots]
             for slot, host in zip(slots, fresh):
                 if host is not None:
                     slot.host = host  # the loaded copy is left unwritten
@@ -197,19 +193,6 @@ class BlockMover:
                 if changed:
                     slot.host.copy_(slot.current())
                 slot.install(slot.host)
-
-    def _replaces(self, host: torch.Tensor) -> bool:
-        if self.spill is not None:
-            return not self.spill.holds(host)
-        return host.untyped_storage().data_ptr() not in self._owned
-
-    def _new_host(self, host: torch.Tensor) -> torch.Tensor:
-        if self.spill is not None:
-            return self.spill.empty_like(host)
-        fresh = torch.empty_like(host, device="cpu")
-        storage = fresh.untyped_storage()
-        self._owned[storage.data_ptr()] = storage
-        return fresh
 
     def prepare_host_write(self, index: int) -> None:
         """Block ``index``'s host tensors are about to be written where they are (a CPU run's pruning, a

@@ -74,13 +74,14 @@ def test_a_full_disk_is_refused_when_a_file_is_reserved_not_by_a_crash_at_a_late
     store.close()
 
 
-@pytest.mark.parametrize("allocation,metric", [("uniform", "wanda"), ("uniform", "sparsegpt"), ("mrp", "wanda"),
-                                               ("mrp-fast", "wanda")])
+@pytest.mark.parametrize("family,allocation,metric", [
+    ("llama", "uniform", "wanda"), ("llama", "uniform", "sparsegpt"), ("llama", "mrp", "wanda"),
+    ("llama", "mrp-fast", "wanda"), ("gpt2", "mrp", "wanda")])  # GPT-2: transposed (Conv1D) weights swapped in
 def test_an_offload_dir_changes_no_weight_keeps_the_blocks_in_its_files_and_leaves_nothing(
-        tiny_dir, tmp_path, allocation, metric, device, one_thread):
+        tiny_dir, tmp_path, family, allocation, metric, device, one_thread):
     """On the CPU blocks move into the files before they are pruned in place; on CUDA (offload implied) when
     they come back from the device, pruned."""
-    model_dir = tiny_dir("llama")
+    model_dir = tiny_dir(family)
     plain = prune(config=job(model_dir, allocation, metric, device=device.type), progress=False)
     scratch = tmp_path / "scratch"
     spilled = prune(config=job(model_dir, allocation, metric, device=device.type, offload_dir=str(scratch)),

@@ -20,6 +20,26 @@ def number_or_text(value: str) -> float | str:
         return value
 
 
+def add_llama_shape(parser) -> None:
+    """The options of a LLaMA-shaped model with random weights (default: LLaMA-2-7B) and its calibration size."""
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--mlp", type=int, default=11008)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=2048)
+
+
+def llama_shape_config(args):
+    """The transformers config of the shape :func:`add_llama_shape` reads."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=args.hidden, intermediate_size=args.mlp, num_hidden_layers=args.layers,
+                       num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
+                       max_position_embeddings=max(4096, args.seqlen))
+
+
 def c4_split(directory: Path, c4: Path = C4) -> tuple[Path, Path]:
     """(calibration parquet of the first 1700 C4 documents, held-out text of the last 300).
 

@@ -31,17 +31,15 @@ from mrprune.runner import SequentialPruner
 from mrprune.runtime import place_model, streamed_blocks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import number_or_text
+from common import add_llama_shape, llama_shape_config, number_or_text
 
 GIB = 2**30
 
 
 def build_model(args) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.mlp, num_hidden_layers=args.layers,
-                         num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
-                         max_position_embeddings=max(4096, args.seqlen))
+    config = llama_shape_config(args)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -175,13 +173,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--mlp", type=int, default=11008)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--nsamples", type=int, default=128)
-    parser.add_argument("--seqlen", type=int, default=2048)
+    add_llama_shape(parser)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--mrp-sparsity", type=float, default=0.7)

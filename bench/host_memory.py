@@ -28,15 +28,16 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_llama_shape, llama_shape_config
+
 GIB = 2**30
 
 
 def build(args, where: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.mlp, num_hidden_layers=args.layers,
-                         num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
-                         max_position_embeddings=max(4096, args.seqlen))
+    config = llama_shape_config(args)
     torch.manual_seed(0)
     with torch.device("cuda" if args.device == "cuda" else "cpu"):
         model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
@@ -127,13 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on the CPU")
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--mlp", type=int, default=11008)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--nsamples", type=int, default=128)
-    parser.add_argument("--seqlen", type=int, default=2048)
+    add_llama_shape(parser)
     parser.add_argument("--metric", default="wanda")
     parser.add_argument("--allocation", default="uniform")
     parser.add_argument("--sparsity", type=float, default=0.5)

@@ -14,7 +14,7 @@ from .allocate import AllocationContext, IterativeAllocator, build_allocator
 from .checkpoint import Checkpoint, fingerprint
 from .config import CHOICES, PruneConfig, check_choice, check_positive
 from .data import load_eval_text, read_corpus, sample_calibration
-from .errors import ConfigError
+from .errors import ConfigError, reason
 from .evaluate import zeroshot as zs
 from .evaluate.perplexity import PerplexityResult, eval_windows, perplexity
 from .export import check_disk, check_output, check_writable, existing_ancestor, export_bytes, export_model, input_paths
@@ -137,22 +137,26 @@ def _early_allocation(allocator, adapter: ModelAdapter, config: PruneConfig, pat
 def _run_plan(config: PruneConfig, device: torch.device, metric, needs_calibration: bool,
               calib_ids: torch.Tensor | None, resident: str | None, mapped: bool = False) -> preflight.RunPlan:
     r, c = config.runtime, config.calibration
-    exact_mrp = config.allocation.method == "mrp"
     n, seqlen = (calib_ids.shape[0], calib_ids.shape[1]) if calib_ids is not None else (c.nsamples, c.seqlen)
     return preflight.RunPlan(
         device=device, nsamples=n, seqlen=seqlen, batch_size=r.batch_size, offload=r.offloads,
         offload_activations=r.offload_activations, calibrate=needs_calibration, hessian=metric.needs_hessian,
-        mrp_stride=config.allocation.mrp.checkpoint_stride if exact_mrp else None,
+        mrp_stride=config.allocation.mrp.checkpoint_stride if config.allocation.method == "mrp" else None,
         eval_seqlen=config.evaluation.seqlen if config.evaluate else None, resident=resident,
         checkpoint=bool(r.checkpoint_dir),
-        mrp_dense=exact_mrp and config.allocation.mrp.activations == "dense-block",
+        mrp_dense=_keeps_dense_copy(config),
         spill=r.offload_dir is not None and not on_ram(r.offload_dir), mapped=mapped,
     )
 
 
+def _keeps_dense_copy(config: PruneConfig) -> bool:
+    """Exact MRP with dense-block statistics keeps a host copy of every decoder linear layer's dense weights."""
+    return config.allocation.method == "mrp" and config.allocation.mrp.activations == "dense-block"
+
+
 def _check_places(config: PruneConfig, local_dir: Path | None) -> None:
     """The checkpoint directory may not be the output's, inside it, around it, or inside the input model; the
-    offload directory may not be inside (or around) any of them."""
+    offload directory may not be inside any of them."""
     out = Path(config.output).expanduser().resolve() if config.output is not None else None
     if config.runtime.offload_dir is not None:
         _check_offload_dir(Path(config.runtime.offload_dir).expanduser().resolve(), {
@@ -187,7 +191,7 @@ def _check_offload_dir(scratch: Path, others: dict[str, Path | str | None]) -> N
         if not parent.is_dir():
             raise ConfigError(f"--offload-dir {scratch} cannot be created: {parent} is a file, not a directory")
     except OSError as exc:
-        raise ConfigError(f"--offload-dir {scratch}: {(exc.strerror or str(exc)).lower()}") from None
+        raise ConfigError(f"--offload-dir {scratch}: {reason(exc)}") from None
     check_writable(parent)
     if on_ram(scratch):
         log.warning("--offload-dir %s is on a RAM-backed filesystem (tmpfs): its files take the memory they "
@@ -300,18 +304,18 @@ def _preflight(config: PruneConfig, target: _Target, shaped: torch.nn.Module, al
                      export_bytes(shape.parameters, shape.dtype_size), detail)
     checkpoint = None
     checkpoint_bytes = 0
+    linear_bytes = sum(shape.dtype_size * ref.numel for ref in adapter.all_linear_layers())
     if r.checkpoint_dir:
         fp = fingerprint(config, target.identity, target.model_config, calib_ids, device, target.dtype,
                          adapter.num_blocks)
         checkpoint = Checkpoint.open(r.checkpoint_dir, fp, r.resume)
         if not checkpoint.resuming:
-            blocks = sum(shape.dtype_size * ref.numel for ref in adapter.all_linear_layers())
             acts = 0 if calib_ids is None else 2 * calib_ids.numel() * shape.hidden * shape.dtype_size
-            checkpoint_bytes = int(blocks * 1.1) + acts
+            checkpoint_bytes = int(linear_bytes * 1.1) + acts
             check_disk(checkpoint.directory, checkpoint_bytes, "the checkpoint",
                        "the pruned decoder weights + 10%, and the activations twice")
     if r.offload_dir is not None:
-        _check_offload_room(config, shape, adapter, checkpoint_bytes)
+        _check_offload_room(config, shape, linear_bytes, checkpoint_bytes)
     if r.preflight:
         resident = None
         if target.model is not None:
@@ -322,15 +326,15 @@ def _preflight(config: PruneConfig, target: _Target, shaped: torch.nn.Module, al
     return checkpoint
 
 
-def _check_offload_room(config: PruneConfig, shape: preflight.ModelShape, adapter: ModelAdapter,
+def _check_offload_room(config: PruneConfig, shape: preflight.ModelShape, linear_bytes: int,
                         checkpoint_bytes: int) -> None:
     """--offload-dir holds every block once pruned, and exact MRP's dense copy of the linear layers; the export
     and a new checkpoint are written while the scratch files live, so on a shared filesystem it needs room for
     them too."""
     blocks = shape.total_bytes - shape.outside_bytes
     detail = "the decoder blocks"
-    if config.allocation.method == "mrp" and config.allocation.mrp.activations == "dense-block":
-        blocks += sum(shape.dtype_size * ref.numel for ref in adapter.all_linear_layers())
+    if _keeps_dense_copy(config):
+        blocks += linear_bytes
         detail += " and exact MRP's dense copy of them"
     needed = int(blocks * 1.02)
     scratch = existing_ancestor(Path(config.runtime.offload_dir).expanduser().resolve())
@@ -343,7 +347,7 @@ def _check_offload_room(config: PruneConfig, shape: preflight.ModelShape, adapte
                 needed += size
                 detail += f", and {what} on the same filesystem"
     except OSError as exc:
-        raise ConfigError(f"--offload-dir {scratch}: {(exc.strerror or str(exc)).lower()}") from None
+        raise ConfigError(f"--offload-dir {scratch}: {reason(exc)}") from None
     check_disk(scratch, needed, "--offload-dir", detail)
 
 

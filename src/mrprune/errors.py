@@ -68,3 +68,9 @@ class Interrupted(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+def reason(exc: BaseException) -> str:
+    """Why an OS call (or torch's file mapping) failed, as a lower-case clause of a one-line message."""
+    text = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+    return text.lower()

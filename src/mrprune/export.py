@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError, ResourceError
+from .errors import OutputError, ResourceError, reason
 from .models.loading import strip_gguf_quantizer
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,7 @@ def check_writable(directory: Path) -> None:
     try:
         probe = tempfile.mkdtemp(prefix=".mrprune-probe-", dir=directory)
     except OSError as exc:
-        reason = (exc.strerror or str(exc)).lower()
-        raise OutputError(f"cannot write to {directory}: creating a directory there fails ({reason})") from None
+        raise OutputError(f"cannot write to {directory}: creating a directory there fails ({reason(exc)})") from None
     os.rmdir(probe)
 
 

@@ -6,9 +6,10 @@ little high), built from named parts so the refusal can say what dominates:
 
 * the model: all weights on the device, or with ``--offload`` only the parts outside the blocks plus two of
   the largest block (the one at work and the next, copied in meanwhile; all wait on the host); the host holds
-  the whole model while it loads; with ``--offload-dir`` and weights that load mapped from safetensors in the
-  run's dtype, the blocks are page cache throughout (read from the model's files, written to the scratch
-  files) and the host counts only the parts outside them;
+  the whole model while it loads, unless its weights load mapped from safetensors in the run's dtype (page
+  cache, not process memory, until a pruned block is written over them); with ``--offload-dir`` as well, the
+  blocks stay page cache throughout (written to the scratch files) and the host counts only the parts outside
+  them;
 * exact MRP's copy of the dense block weights, on the host (in the scratch files with ``--offload-dir``);
 * cached calibration activations, n x seqlen x hidden x dtype size, twice while they are captured (the
   captured batches and their concatenation); on the host with ``--offload-activations``; exact MRP adds its

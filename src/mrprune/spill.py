@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ResourceError
+from .errors import ResourceError, reason
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class SpillStore:
             self.directory = Path(tempfile.mkdtemp(prefix=".mrprune-spill-", dir=parent))
         except OSError as exc:
             raise ResourceError(f"--offload-dir {parent}: cannot create a scratch directory there "
-                                f"({(exc.strerror or str(exc)).lower()})") from None
+                                f"({reason(exc)})") from None
         self.bytes = 0
         self._files = 0
         self._storages: dict[int, torch.UntypedStorage] = {}  # held, so no other storage can take the address
@@ -55,9 +55,8 @@ class SpillStore:
                 os.close(fd)
             mapped = torch.from_file(str(path), shared=True, size=tensor.numel(), dtype=tensor.dtype)
         except (OSError, RuntimeError) as exc:
-            reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc).splitlines()[0]
             raise ResourceError(f"--offload-dir {self.directory.parent}: cannot reserve {size:,} bytes for "
-                                f"weights there ({reason.lower()}); free some space or choose another place") from None
+                                f"weights there ({reason(exc)}); free some space or choose another place") from None
         finally:
             path.unlink(missing_ok=True)
         storage = mapped.untyped_storage()

@@ -13,6 +13,8 @@ memory are meaningful. Prints a Markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import platform
@@ -92,15 +94,46 @@ def floor(adapter, ids, args, offload: bool) -> dict:
     return {"phases": runner.timer.as_dict()}
 
 
-def streamed_eval(model, adapter, ids, args, offload: bool) -> dict:
-    """Forwards of ``--eval-windows`` windows through the whole model, the way perplexity evaluation runs
-    (with --offload every block moves in for its forward and back after it)."""
+def eval_run(model, adapter, ids, args, offload: bool, order: str) -> dict:
+    """Perplexity evaluation of ``--eval-windows`` windows of the calibration ids, in the order mrprune uses
+    (``order='auto'``: block by block when offloaded) or window by window (``'window'``: with --offload every
+    block moves in for each window's forward), which was the only order before."""
+    from mrprune.evaluate.perplexity import block_major_nlls, window_nll
+
     device = torch.device("cuda")
     place_model(model, adapter.blocks_name, device, offload)
-    with streamed_blocks(adapter.blocks, device, offload), torch.inference_mode():
-        for window in ids[: args.eval_windows]:
-            model(input_ids=window[None].to(device), use_cache=False, logits_to_keep=1)
-    return {}
+    windows = ids[: args.eval_windows]
+    if order == "auto" and offload:
+        nlls = block_major_nlls(model, windows, device, progress=False)
+    else:
+        with streamed_blocks(adapter.blocks, device, offload):
+            nlls = [window_nll(model, window, device) for window in windows]
+    return {"mean_nll": sum(nlls) / len(nlls), "windows": len(nlls)}
+
+
+@functools.cache
+def bench_tokenizer(vocab: int):
+    from mrprune.testing import train_tokenizer
+
+    return train_tokenizer(vocab)  # real text, ids below the model's vocabulary
+
+
+def zeroshot_run(model, adapter, args, offload: bool, order: str) -> dict:
+    """RTE (``--zs-limit`` items, local data from ``--task-data``) through lm-eval, in the order mrprune uses
+    (``'auto'``: block by block when offloaded) or one forward per lm-eval batch (``'forward'``: with --offload
+    every block moves in for each batch)."""
+    from mrprune.evaluate import zeroshot as zs
+
+    device = torch.device("cuda")
+    place_model(model, adapter.blocks_name, device, offload)
+    tasks = zs.prepare_tasks("rte", args.task_data)
+    tokenizer = bench_tokenizer(args.vocab)
+    context = streamed_blocks(adapter.blocks, device, offload) if order == "forward" else contextlib.nullcontext()
+    with context:
+        result = zs.evaluate_zeroshot(model, tokenizer, tasks, limit=args.zs_limit, batch_size=args.zs_batch_size,
+                                      offload=offload and order == "auto")
+    rte = result.to_dict()["tasks"]["rte"]
+    return {"acc": rte["acc"], "items": rte["items"]}
 
 
 def mrprune_run(model, ids, args, method: str, offload: bool) -> dict:
@@ -178,8 +211,13 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--mrp-sparsity", type=float, default=0.7)
     parser.add_argument("--runs", default="floor,magnitude,wanda,sparsegpt,mrp-fast,mrp",
-                        help="also 'eval': --eval-windows forwards of the whole model")
+                        help="also 'eval': perplexity of --eval-windows windows as mrprune computes it (block "
+                             "by block when offloaded), 'eval-per-window': window by window; 'zeroshot': RTE "
+                             "through lm-eval as mrprune runs it, 'zeroshot-per-forward': a forward per batch")
     parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--zs-limit", type=int, default=100, help="'zeroshot' runs: RTE items")
+    parser.add_argument("--zs-batch-size", type=int, default=8)
+    parser.add_argument("--task-data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--offload", default="no,yes", help="which of no,yes to run")
     parser.add_argument("--offload-runs", default=None, help="runs repeated with --offload (default: --runs)")
     parser.add_argument("--offload-activations", action="store_true", help="with --offload, activations on CPU")
@@ -208,12 +246,20 @@ def main() -> None:
             weights.restore(offload)
             if run == "floor":
                 result = measure(lambda: floor(adapter, ids, args, offload))
-            elif run == "eval":
-                result = measure(lambda o=offload: streamed_eval(model, adapter, ids, args, o))
+            elif run in ("zeroshot", "zeroshot-per-forward"):
+                if run == "zeroshot":
+                    bench_tokenizer(args.vocab)  # trained once, outside the measurement
+                order = "auto" if run == "zeroshot" else "forward"
+                result = measure(lambda o=offload, order=order: zeroshot_run(model, adapter, args, o, order))
+            elif run in ("eval", "eval-per-window"):
+                order = "auto" if run == "eval" else "window"
+                result = measure(lambda o=offload, order=order: eval_run(model, adapter, ids, args, o, order))
             else:
                 result = measure(lambda: mrprune_run(model, ids, args, run, offload))
             rows.append({"run": run, "offload": offload, **result})
-            print(f"{run} offload={offload}: {result['seconds']:.1f}s peak {result['peak_gib']:.2f} GiB "
+            nll = f"mean NLL {result['mean_nll']:.6f} " if "mean_nll" in result else ""
+            nll += f"acc {result['acc']:.4f} " if "acc" in result else ""
+            print(f"{run} offload={offload}: {result['seconds']:.1f}s peak {result['peak_gib']:.2f} GiB {nll}"
                   f"{result.get('error') or ''}", flush=True)
             save()
     for method in [m for m in args.llmc.split(",") if m]:

@@ -68,6 +68,25 @@ def test_estimate_grows_with_the_options_that_should_grow_it():
     assert set(cpu.pools) == {"host"} and cpu.pools["host"]["activations"] == acts
 
 
+
+def test_offloaded_evaluation_counts_the_chunk_of_windows_that_goes_through_the_blocks_together():
+    shape = shape_of()
+    cuda = torch.device("cuda")
+
+    def evaluation(**options):
+        plan = pf.RunPlan(device=cuda, nsamples=128, seqlen=2048, batch_size=8, calibrate=False, eval_seqlen=2048,
+                          **options)
+        return pf.estimate(shape, plan).pools["device"]
+
+    window = 2048 * 64 * 4
+    assert "evaluation windows" not in evaluation()  # one window at a time when the blocks stay on the device
+    assert evaluation(offload=True, eval_windows=3)["evaluation windows"] == 3 * window
+    assert evaluation(offload=True)["evaluation windows"] == pf.CHUNK_BYTES // window * window <= 2 * GIB
+    zeroshot = pf.estimate(shape, pf.RunPlan(device=cuda, nsamples=128, seqlen=2048, batch_size=8, calibrate=False,
+                                             offload=True, zeroshot=True)).pools["device"]
+    assert zeroshot["zero-shot requests"] == pf.CHUNK_BYTES
+
+
 MEASURE = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)

@@ -5,6 +5,7 @@ import torch
 
 from mrprune import PruneConfig, prune, runtime
 from mrprune.config import merge
+from mrprune.data import Corpus, embedded_text
 from mrprune.metrics import SparsityPattern, build_metric
 from mrprune.models import get_adapter
 from mrprune.runner import SequentialPruner
@@ -175,6 +176,63 @@ def test_streamed_evaluation_matches_a_resident_one_and_leaves_the_blocks_as_the
     assert weight.device.type == "cpu" and not weight.is_inference()
     with torch.no_grad():
         weight.mul_(1.0)  # still an ordinary tensor a later pruning step may change in place
+
+
+@needs_cuda
+def test_offloaded_perplexity_moves_each_block_once_per_chunk_of_windows_and_matches_a_resident_one(
+        cuda, tokenizer, monkeypatch):
+    from mrprune.evaluate import blockwise
+    from mrprune.evaluate.perplexity import perplexity
+
+    model = tiny_model("gemma3")
+    adapter = get_adapter(model)
+    corpus = Corpus("eval", text=embedded_text("evaluation"))
+    model.to(cuda)
+    resident = perplexity(model, tokenizer, corpus, 40, 5, "always", cuda, progress=False)
+    model.to("cpu")
+    place_model(model, adapter.blocks_name, cuda, offload=True)
+    before = host_pointers(adapter.blocks[1])
+    monkeypatch.setattr(blockwise, "CHUNK_BYTES", 2 * 40 * 64 * 4)  # chunks of 2, 2 and 1 windows
+    fetched: list[int] = []
+    original = BlockMover.fetch
+    monkeypatch.setattr(BlockMover, "fetch", lambda self, index: fetched.append(index) or original(self, index))
+    offloaded = perplexity(model, tokenizer, corpus, 40, 5, "always", cuda, progress=False, offload=True)
+    assert offloaded.perplexity == pytest.approx(resident.perplexity, rel=1e-6)
+    assert fetched == [0, 1, 2] * 3
+    assert all(p.device.type == "cpu" for p in adapter.blocks.parameters())
+    assert host_pointers(adapter.blocks[1]) == before  # read only: no copy back
+
+
+@needs_cuda
+def test_offloaded_zeroshot_loglikelihoods_are_a_resident_models(cuda, tokenizer, monkeypatch):
+    pytest.importorskip("lm_eval")
+    import copy
+
+    from lm_eval.models.huggingface import HFLM
+
+    from mrprune.evaluate import blockwise
+    from mrprune.evaluate.lm_blockwise import block_major_lm
+    from tests.evaluate.test_zeroshot import loglikelihood_requests
+
+    model = tiny_model("qwen2")
+    adapter = get_adapter(model)
+    requests = loglikelihood_requests(tokenizer)
+    model.to(cuda)
+    expected = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=2).loglikelihood(
+        requests, disable_tqdm=True)
+    model.to("cpu")
+    place_model(model, adapter.blocks_name, cuda, offload=True)
+    monkeypatch.setattr(blockwise, "CHUNK_BYTES", 60 * 64 * 4)
+    fetched: list[int] = []
+    original = BlockMover.fetch
+    monkeypatch.setattr(BlockMover, "fetch", lambda self, index: fetched.append(index) or original(self, index))
+    lm = block_major_lm(HFLM)(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=2)
+    got = lm.loglikelihood(requests, disable_tqdm=True)
+    assert [g[1] for g in got] == [e[1] for e in expected]
+    assert [g[0] for g in got] == pytest.approx([e[0] for e in expected], rel=1e-5, abs=1e-5)
+    parts = len(fetched) // 3
+    assert parts > 2 and fetched == [0, 1, 2] * parts  # every block once per part of the requests
+    assert all(p.device.type == "cpu" for p in adapter.blocks.parameters())
 
 
 @needs_cuda

@@ -35,7 +35,7 @@ from .models.loading import (
 from .numerics import check_weights
 from .report import PruneReport
 from .runner import SequentialPruner
-from .runtime import PhaseTimer, peak_device_memory_mib, peak_host_memory_mib, place_model, streamed_blocks
+from .runtime import PhaseTimer, peak_device_memory_mib, peak_host_memory_mib, place_model
 from .spill import SpillStore, on_ram
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ def _run_plan(config: PruneConfig, device: torch.device, metric, needs_calibrati
         device=device, nsamples=n, seqlen=seqlen, batch_size=r.batch_size, offload=r.offloads,
         offload_activations=r.offload_activations, calibrate=needs_calibration, hessian=metric.needs_hessian,
         mrp_stride=config.allocation.mrp.checkpoint_stride if config.allocation.method == "mrp" else None,
-        eval_seqlen=config.evaluation.seqlen if config.evaluate else None, resident=resident,
+        eval_seqlen=config.evaluation.seqlen if config.evaluate else None,
+        eval_windows=config.evaluation.max_windows, zeroshot=bool(config.evaluation.tasks), resident=resident,
         checkpoint=bool(r.checkpoint_dir),
         mrp_dense=_keeps_dense_copy(config),
         spill=r.offload_dir is not None and not on_ram(r.offload_dir), mapped=mapped,
@@ -378,8 +379,9 @@ def _prune_with(config: PruneConfig, target: _Target, adapter: ModelAdapter, met
 
     def measure() -> PerplexityResult:
         e = config.evaluation
-        with timer.phase("evaluation"), streamed_blocks(adapter.blocks, device, offload):
-            return perplexity(model, tokenizer, eval_corpus, e.seqlen, e.max_windows, e.bos, device, progress)
+        with timer.phase("evaluation"):
+            return perplexity(model, tokenizer, eval_corpus, e.seqlen, e.max_windows, e.bos, device, progress,
+                              offload)
 
     ppl = {}
     if config.evaluate:
@@ -401,9 +403,9 @@ def _prune_with(config: PruneConfig, target: _Target, adapter: ModelAdapter, met
     zeroshot = {}
     if zeroshot_tasks is not None:
         e = config.evaluation
-        with timer.phase("zeroshot"), streamed_blocks(adapter.blocks, device, offload):
+        with timer.phase("zeroshot"):
             zeroshot = zs.evaluate_zeroshot(model, tokenizer, zeroshot_tasks, e.limit, e.num_fewshot,
-                                            e.batch_size).to_dict()
+                                            e.batch_size, offload=offload).to_dict()
 
     report = PruneReport.build(
         model_summary(adapter, target.description), config.to_dict(), allocation, records,
@@ -454,8 +456,7 @@ def evaluate_perplexity(
     torch_device = resolve_device(device)
     adapter = get_adapter(model)
     place_model(model, adapter.blocks_name, torch_device, offload)
-    with streamed_blocks(adapter.blocks, torch_device, offload):
-        return perplexity(model, tokenizer, corpus, seqlen, max_windows, bos, torch_device, progress)
+    return perplexity(model, tokenizer, corpus, seqlen, max_windows, bos, torch_device, progress, offload)
 
 
 def evaluate_zeroshot(
@@ -485,5 +486,4 @@ def evaluate_zeroshot(
     torch_device = resolve_device(device)
     adapter = get_adapter(model)
     place_model(model, adapter.blocks_name, torch_device, offload)
-    with streamed_blocks(adapter.blocks, torch_device, offload):
-        return zs.evaluate_zeroshot(model, tokenizer, prepared, limit, num_fewshot, batch_size)
+    return zs.evaluate_zeroshot(model, tokenizer, prepared, limit, num_fewshot, batch_size, offload=offload)

@@ -49,7 +49,7 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]
     return hidden, rest, kwargs
 
 
-def _pass_through(*args, **kwargs) -> torch.Tensor:
+def pass_through(*args, **kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
@@ -71,7 +71,7 @@ def record_block_calls(adapter: ModelAdapter, window: torch.Tensor) -> list[Bloc
 
     handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(adapter.blocks)]
     for block in adapter.blocks:
-        block.forward = _pass_through
+        block.forward = pass_through
     try:
         with torch.inference_mode():
             adapter.base_model(input_ids=window.to(adapter.input_device()), use_cache=False)

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .errors import ResourceError
+from .evaluate.blockwise import CHUNK_BYTES
 from .models.adapter import ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,8 @@ class RunPlan:
     hessian: bool = False  # SparseGPT
     mrp_stride: int | None = None  # exact MRP: its --mrp-checkpoint-stride (0: automatic); None: not MRP
     eval_seqlen: int | None = None
+    eval_windows: int | None = None  # --max-windows (None: as many as the text holds)
+    zeroshot: bool = False  # --tasks
     resident: str | None = None  # where loaded weights are now ('host' or 'device'; counted as used), None: to load
     checkpoint: bool = False  # --checkpoint-dir: activations are copied to the host to be saved
     mrp_dense: bool = False  # exact MRP (dense-block): a host copy of every block's dense weights
@@ -258,6 +261,12 @@ def estimate(shape: ModelShape, plan: RunPlan, free: dict[str, int | None] | Non
     if plan.eval_seqlen:
         logits = 2 * plan.eval_seqlen * shape.vocab * 4
         phases["evaluation"] = {compute: {"evaluation": forward_bytes(shape, plan, 1, plan.eval_seqlen) + logits}}
+        if plan.offload:  # offloaded: a chunk of windows goes through the blocks together
+            window = plan.eval_seqlen * shape.hidden * shape.dtype_size
+            chunk = max(1, CHUNK_BYTES // window)
+            phases["evaluation"][compute]["evaluation windows"] = min(chunk, plan.eval_windows or chunk) * window
+    if plan.zeroshot and plan.offload:  # lm-eval's requests go through the blocks in parts of this size
+        phases["zero-shot"] = {compute: {"zero-shot requests": CHUNK_BYTES}}
 
     for pool, parts in pools.items():
         best: dict[str, int] = {}

@@ -1,10 +1,13 @@
 import math
 
+import pytest
 import torch
+import transformers
 
 from mrprune.data import Corpus, embedded_text
-from mrprune.evaluate.perplexity import eval_windows, perplexity, tokenizer_adds_bos
-from tests.conftest import tiny_model
+from mrprune.evaluate.perplexity import block_major_nlls, eval_windows, perplexity, tokenizer_adds_bos, window_nll
+from mrprune.models.adapter import get_adapter
+from tests.conftest import FAMILIES, family_config, tiny_model
 
 
 def test_windows_are_non_overlapping_and_bos_is_optional(tokenizer):
@@ -40,3 +43,43 @@ def test_auto_bos_for_an_architecture_that_needs_it_even_if_its_tokenizer_adds_n
     assert bos and bool((windows[:, 0] == tokenizer.bos_token_id).all())
     assert not eval_windows(tokenizer, text, 64, 2, "auto", "llama")[1]
     assert not eval_windows(tokenizer, text, 64, 2, "never", "gemma3_text")[1]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_block_by_block_order_gives_the_window_by_window_numbers(tokenizer, family, one_thread):
+    """The order offloaded runs use (every block over a chunk of windows, then the head) must compute exactly
+    what a forward per window does, for every family: each block gets the context its parent passes it and
+    the head is the model's own (Gemma's logit soft-capping included)."""
+    config = family_config(family)
+    if family == "gemma3":
+        config.final_logit_softcapping = 3.0  # the head's post-processing must come from the model's code
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    windows, _ = eval_windows(tokenizer, embedded_text("evaluation"), 40, 5, "always")
+    device = torch.device("cpu")
+    expected = [window_nll(model, w, device) for w in windows]
+    per_window = 40 * config.hidden_size * 4
+    got = block_major_nlls(model, windows, device, progress=False, budget=2 * per_window)  # chunks of 2, 2, 1
+    assert got == expected
+    if family == "gemma3":
+        config.final_logit_softcapping = None
+        assert block_major_nlls(model, windows, device, progress=False) != expected
+    # the model is left runnable as it was: no block keeps a replaced forward
+    assert all("forward" not in vars(block) for block in get_adapter(model).blocks)
+
+
+def test_offloaded_evaluation_through_the_api_gives_the_resident_number(tokenizer, one_thread, monkeypatch):
+    import mrprune
+    from mrprune.evaluate import blockwise
+
+    model = tiny_model("llama")
+    resident = mrprune.evaluate_perplexity(model, tokenizer, text="embedded", seqlen=48, max_windows=4, device="cpu",
+                                           progress=False)
+    monkeypatch.setattr(blockwise, "CHUNK_BYTES", 3 * 48 * 64 * 4)  # chunks of 3 and 1 windows
+    runs = []
+    original = blockwise.run_blocks
+    monkeypatch.setattr(blockwise, "run_blocks", lambda *a, **k: runs.append(len(a[1])) or original(*a, **k))
+    offloaded = mrprune.evaluate_perplexity(model, tokenizer, text="embedded", seqlen=48, max_windows=4, device="cpu",
+                                            offload=True, progress=False)
+    assert runs == [3, 1] and offloaded.perplexity == resident.perplexity
+    assert offloaded.windows == resident.windows == 4

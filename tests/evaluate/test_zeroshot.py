@@ -262,3 +262,60 @@ def test_zeroshot_outside_a_repository_prints_no_git_error(shared_data, tmp_path
     assert result.scores[0].task == "rte"
     assert "fatal" not in capfd.readouterr().err
     assert (lm_eval.evaluator.get_git_commit_hash, lm_eval.evaluator.add_env_info) == originals
+
+
+# --------------------------------------------------------------------------------------------- offloaded
+
+
+def loglikelihood_requests(tokenizer) -> list:
+    """Real-text requests of many lengths, some sharing a context with one-token continuations (lm-eval
+    computes those from one forward)."""
+    from lm_eval.api.instance import Instance
+
+    from mrprune.data import embedded_text
+
+    words = embedded_text("evaluation").split()
+    pairs = [(" ".join(words[i : i + 3 + 7 * (i % 5)]), " " + " ".join(words[i + 40 : i + 41 + i % 4]))
+             for i in range(0, 120, 10)]
+    pairs += [("The answer to the question is", answer) for answer in (" True", " False", " yes")]
+    return [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=0) for pair in pairs]
+
+
+@needs_lm_eval
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_block_by_block_loglikelihoods_are_hflms(tokenizer, monkeypatch, batch_size, one_thread):
+    """Offloaded zero-shot runs HFLM's own request handling twice around a block-by-block pass: the answers
+    must be HFLM's, over several parts, with right-padded batches and shared one-token contexts."""
+    import copy
+
+    from lm_eval.models.huggingface import HFLM
+
+    from mrprune.evaluate import blockwise
+    from mrprune.evaluate.lm_blockwise import block_major_lm
+    from tests.conftest import tiny_model
+
+    model = tiny_model("qwen2")
+    requests = loglikelihood_requests(tokenizer)
+    plain = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+    expected = plain.loglikelihood(requests, disable_tqdm=True)
+    monkeypatch.setattr(blockwise, "CHUNK_BYTES", 60 * 64 * 4)  # parts of about 60 tokens: several parts
+    calls = []
+    original = blockwise.run_blocks
+    monkeypatch.setattr(blockwise, "run_blocks", lambda *a, **k: calls.append(len(a[1])) or original(*a, **k))
+    blockwise_lm = block_major_lm(HFLM)(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+    got = blockwise_lm.loglikelihood(requests, disable_tqdm=True)
+    assert len(calls) > 2  # the requests really were split into parts, each one pass through the blocks
+    assert [g[1] for g in got] == [e[1] for e in expected]
+    # HFLM's own forward fills a KV cache, which may change a CPU's summation order in the last bits
+    assert [g[0] for g in got] == pytest.approx([e[0] for e in expected], rel=1e-6, abs=1e-6)
+    assert "_model_call" not in vars(blockwise_lm)
+
+
+@needs_lm_eval
+def test_offloaded_zeroshot_scores_as_resident(shared_data, tokenizer):
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    scores = [zs.evaluate_zeroshot(model, tokenizer, "rte", limit=8, task_data=shared_data, offload=offload)
+              .to_dict()["tasks"]["rte"] for offload in (False, True)]
+    assert scores[1]["acc"] == scores[0]["acc"] and scores[1]["acc_stderr"] == scores[0]["acc_stderr"]

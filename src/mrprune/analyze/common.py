@@ -33,7 +33,7 @@ from ..metrics.pattern import SparsityPattern
 from ..models.adapter import LinearRef, ModelAdapter, get_adapter
 from ..models.loading import resolve_device
 from ..runner import SequentialPruner
-from ..runtime import place_model, streamed_blocks
+from ..runtime import place_model
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +116,8 @@ class Job:
 
     def perplexity(self, corpus: Corpus, progress: bool = False) -> PerplexityResult:
         e = self.config.evaluation
-        with streamed_blocks(self.adapter.blocks, self.device, self.config.runtime.offload):
-            return perplexity(self.model, self.tokenizer, corpus, e.seqlen, e.max_windows, e.bos, self.device,
-                              progress)
+        return perplexity(self.model, self.tokenizer, corpus, e.seqlen, e.max_windows, e.bos, self.device,
+                          progress, self.config.runtime.offload)
 
     def observe(self, input_ids: torch.Tensor, progress: bool = False,
                 dense_weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

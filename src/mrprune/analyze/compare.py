@@ -195,10 +195,8 @@ def compare(
     e = config.evaluation
 
     def zeroshot() -> zs.ZeroShotResult:
-        from ..runtime import streamed_blocks
-
-        with streamed_blocks(job.adapter.blocks, job.device, config.runtime.offload):
-            return zs.evaluate_zeroshot(job.model, job.tokenizer, tasks, e.limit, e.num_fewshot, e.batch_size)
+        return zs.evaluate_zeroshot(job.model, job.tokenizer, tasks, e.limit, e.num_fewshot, e.batch_size,
+                                    offload=config.runtime.offload)
 
     dense = job.perplexity(corpus, progress)
     log.info("dense %s", dense)

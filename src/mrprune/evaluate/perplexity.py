@@ -3,6 +3,9 @@
 The text is tokenised once and cut into non-overlapping windows of ``seqlen`` tokens; PPL = exp(mean over
 windows of the window's mean next-token NLL). Models whose tokenizer adds BOS (Gemma, Llama-2) get a BOS at
 the start of every window (``bos='auto'``), so each window is ``seqlen`` tokens with the BOS included.
+
+With offloaded blocks the windows run block by block (:mod:`.blockwise`): each block is copied to the
+device once per chunk of windows instead of once per window, with the same numbers.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from tqdm.auto import tqdm
 
 from ..data import Corpus
 from ..errors import DataError
-from ..models.adapter import check_context
+from ..models.adapter import check_context, get_adapter
+from . import blockwise
 
 
 @dataclass
@@ -80,8 +84,27 @@ def eval_windows(tokenizer, text: str, seqlen: int, max_windows: int | None, bos
 def window_nll(model, window: torch.Tensor, device: torch.device) -> float:
     """Mean next-token negative log-likelihood of one window."""
     ids = window[None].to(device)
-    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-    return float(F.cross_entropy(logits, ids[0, 1:], reduction="mean"))
+    return _nll(model(input_ids=ids, use_cache=False).logits, ids)
+
+
+def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    return float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="mean"))
+
+
+def block_major_nlls(model, windows: torch.Tensor, device: torch.device, progress: bool = True,
+                     budget: int | None = None) -> list[float]:
+    """:func:`window_nll` of every window, computed block by block (:mod:`.blockwise`): each block moves to
+    ``device`` once per chunk of windows whose hidden states fit in ``budget`` bytes."""
+    chunk = max(1, (budget or blockwise.CHUNK_BYTES) // blockwise.hidden_bytes(model, windows.shape[1]))
+    nlls: list[float] = []
+    steps = -(-windows.shape[0] // chunk) * (get_adapter(model).num_blocks + 1)
+    with tqdm(total=steps, desc="perplexity (block by block)", unit="step", disable=not progress) as bar:
+        for start in range(0, windows.shape[0], chunk):
+            inputs = [window[None] for window in windows[start : start + chunk]]  # each window its own forward
+            finals = blockwise.run_blocks(model, inputs, device, bar)
+            nlls += [_nll(blockwise.head_logits(model, ids, final), ids.to(device)) for ids, final in zip(inputs, finals)]
+            bar.update()
+    return nlls
 
 
 def perplexity(
@@ -93,11 +116,17 @@ def perplexity(
     bos: str = "auto",
     device: torch.device | None = None,
     progress: bool = True,
+    offload: bool = False,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` (already placed for running on ``device``) on ``corpus.text``."""
+    """Perplexity of ``model`` (already placed for running on ``device``; with ``offload`` its blocks on the
+    host) on ``corpus.text``."""
     check_context(model, seqlen, "an evaluation window (--eval-seqlen; mrprune eval: --seqlen)")
     device = device or next(model.parameters()).device
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     windows, per_window_bos = eval_windows(tokenizer, corpus.text or "", seqlen, max_windows, bos, model_type)
-    nlls = [window_nll(model, w, device) for w in tqdm(windows, desc="perplexity", unit="window", disable=not progress)]
+    if offload:
+        nlls = block_major_nlls(model, windows, device, progress)
+    else:
+        nlls = [window_nll(model, w, device)
+                for w in tqdm(windows, desc="perplexity", unit="window", disable=not progress)]
     return PerplexityResult(math.exp(sum(nlls) / len(nlls)), corpus.name, len(nlls), seqlen, per_window_bos)

@@ -480,8 +480,11 @@ def evaluate_zeroshot(
     batch_size: int = 1,
     task_data: str | Path | None = None,
     device: str | None = None,
+    offload: bool = False,
 ) -> ZeroShotResult:
-    """Run lm-eval ``tasks`` on the in-memory ``model`` (left where it is unless ``device`` is given).
+    """Run lm-eval ``tasks`` on the in-memory ``model`` (left where it is unless ``device`` is given; with
+    ``offload`` its blocks wait on the host and loglikelihood requests run block by block, see
+    :mod:`.lm_blockwise`).
 
     ``tasks`` is a comma-separated string, a list, or the result of :func:`prepare_tasks` (which lets a caller
     fail early, before pruning). ``limit`` keeps the first items of each task; ``task_data`` is a folder of
@@ -501,7 +504,12 @@ def evaluate_zeroshot(
     hf_logger.addFilter(quiet)
     try:
         # lm-eval may add a pad token to the tokenizer it is given: give it a copy, keep the caller's as it was
-        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+        lm_class = HFLM
+        if offload:
+            from .lm_blockwise import block_major_lm
+
+            lm_class = block_major_lm(HFLM)
+        lm = lm_class(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
     finally:
         hf_logger.removeFilter(quiet)
     task_logger, defaults = logging.getLogger("lm_eval.api.task"), _DropMessages(*_DEFAULT_METRIC_WARNINGS)

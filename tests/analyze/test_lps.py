@@ -54,7 +54,7 @@ def test_only_the_measured_block_is_pruned_and_weights_come_back_bit_identical(t
     metrics = ["wanda", "sparsegpt", "magnitude"]
     seen = []
 
-    def measure():
+    def measure(index):
         now = model.state_dict()
         changed = {name for name, t in now.items() if not torch.equal(t.cpu(), original[name])}
         zeros = {name: float((now[name] == 0).float().mean()) for name in changed}
@@ -79,7 +79,7 @@ def test_block_statistics_come_from_dense_upstream_activations(tokenizer):
     dense_norms = job.observe(ids)
     captured = []
 
-    def measure():
+    def measure(index):
         captured.append({ref.name: ref.weight.clone() for ref in job.adapter.all_linear_layers()})
         return 0.0
 
@@ -90,6 +90,30 @@ def test_block_statistics_come_from_dense_upstream_activations(tokenizer):
             stats = LayerStats(sq_norm=dense_norms[ref.name])
             expected = wanda.prune(ref.weight.float(), stats, 0.6, SparsityPattern())
             assert torch.equal(snapshot[ref.name] == 0, expected.mask), ref.name
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gpt2"])
+def test_measuring_from_the_pruned_block_on_gives_the_full_forwards_numbers(tokenizer, monkeypatch, family,
+                                                                            one_thread):
+    """LPS keeps the dense hidden states entering block l and runs only blocks l.. and the head: every
+    perplexity must be the one a whole forward of the model gives, bit for bit on the CPU."""
+    from mrprune.analyze import lps
+    from mrprune.evaluate import blockwise
+
+    config = fast_config(sparsity=0.6)
+    runs = {}
+    original = lps.TailPerplexity.create
+    for mode in ("tail", "whole"):
+        if mode == "whole":
+            monkeypatch.setattr(blockwise, "CHUNK_BYTES", 0)  # no room for the kept states: whole forwards
+        created = []
+        monkeypatch.setattr(lps.TailPerplexity, "create",
+                            classmethod(lambda cls, *a: created.append(original(*a)) or created[-1]))
+        runs[mode] = layerwise_sensitivity(tiny_model(family), config, metrics="wanda,magnitude", blocks="0,2",
+                                           tokenizer=tokenizer, progress=False)
+        assert (created[0] is not None) == (mode == "tail")
+    assert runs["tail"].perplexity == runs["whole"].perplexity
+    assert runs["tail"].dense == runs["whole"].dense
 
 
 def test_lps_through_the_cli_writes_json_png_markdown(tiny_dir, tmp_path, capsys):

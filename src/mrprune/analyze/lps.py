@@ -9,7 +9,9 @@ forward that advances the cached activations to block l+1, the statistics all re
 (Wanda's per-feature sq_norm, SparseGPT's per-layer Hessian); then, for each metric, block l's linear weights
 are snapshotted, pruned, the model's perplexity measured, and the weights restored bit for bit. Only block
 l's statistics are alive at any time: Hessians of all blocks at once would take L x (a block's Hessians),
-e.g. ~22 GB in float32 for a 7B Llama, while one block's take ~0.7 GB.
+e.g. ~22 GB in float32 for a 7B Llama, while one block's take ~0.7 GB. The perplexity measurements start at
+block l too (:class:`TailPerplexity`): blocks before it are dense, so their output on the evaluation windows
+is kept and never recomputed.
 """
 
 from __future__ import annotations
@@ -26,16 +28,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ..api import check_pattern
-from ..calibrate import StatsCollector, run_block
+from ..calibrate import StatsCollector, capture_block_inputs, record_block_calls, run_block
 from ..config import PruneConfig
 from ..errors import ConfigError
+from ..evaluate import blockwise
+from ..evaluate.perplexity import model_windows, nll_of
 from ..export import input_paths
 from ..metrics import METRICS, build_metric
 from ..metrics.base import LayerStats
 from ..metrics.pattern import SparsityPattern
 from ..numerics import require_finite_activations
 from ..runner import Activations, SequentialPruner
-from ..runtime import keeps_placement
+from ..runtime import BlockMover, keeps_placement
 from . import common, plots
 
 log = logging.getLogger(__name__)
@@ -214,6 +218,59 @@ def _short(source: str) -> str:
 # ------------------------------------------------------------------------------------------- orchestration
 
 
+class TailPerplexity:
+    """Perplexity of the model while only blocks >= l may differ from the dense model.
+
+    The dense hidden states entering block l are the same for every metric and for every later measurement up
+    to l, so they are kept (advanced one dense block at a time as the sweep moves on) and a measurement runs
+    blocks l.. and the head only: each window is still its own forward, so the numbers are those of a full
+    forward, for about half of its block compute on average."""
+
+    def __init__(self, job: common.Job, corpus, states: torch.Tensor, windows: torch.Tensor, bos: bool):
+        self.job, self.corpus, self.windows, self.bos = job, corpus, windows, bos
+        self.calls = [call.to(job.device) for call in record_block_calls(job.adapter, windows[:1])]
+        self.states = states  # dense hidden states entering block ``self.index``, one row per window
+        self.index = 0
+        self.mover = BlockMover(job.adapter.blocks, job.device, enabled=job.config.runtime.offload)
+
+    @classmethod
+    def create(cls, job: common.Job, corpus) -> TailPerplexity | None:
+        """None when two copies of the windows' hidden states would not fit in ``blockwise.CHUNK_BYTES``."""
+        e = job.config.evaluation
+        windows, bos = model_windows(job.model, job.tokenizer, corpus, e.seqlen, e.max_windows, e.bos)
+        if 2 * blockwise.hidden_bytes(job.model, windows.numel()) > blockwise.CHUNK_BYTES:
+            return None
+        dtype = next(job.adapter.blocks.parameters()).dtype
+        states, _ = capture_block_inputs(job.adapter, windows, 1, job.device, dtype)
+        return cls(job, corpus, states, windows, bos)
+
+    def _run(self, index: int, hidden: torch.Tensor) -> None:
+        block = self.mover.fetch(index)
+        try:
+            run_block(block, self.calls[index], hidden, 1, self.job.device, write_back=True)
+        finally:
+            self.mover.release(index, changed=False)
+
+    def measure(self, index: int) -> float:
+        """Perplexity with blocks < ``index`` dense (as they must be now) and the model's current blocks from
+        ``index`` on."""
+        if index < self.index:
+            raise ValueError(f"the dense states have moved past block {index}")
+        while self.index < index:  # blocks before ``index`` are dense now: advance the kept states through them
+            self._run(self.index, self.states)
+            self.index += 1
+        hidden = self.states.clone()
+        for later in range(index, self.job.adapter.num_blocks):
+            self._run(later, hidden)
+        nlls = [nll_of(blockwise.head_logits(self.job.model, window[None], hidden[row : row + 1]),
+                       window[None].to(self.job.device))
+                for row, window in enumerate(self.windows)]
+        return math.exp(sum(nlls) / len(nlls))
+
+    def close(self) -> None:
+        self.mover.close()
+
+
 def _dense_block_pass(pruner: SequentialPruner, acts: Activations, sq_norm: bool,
                       hessian: bool) -> dict[str, LayerStats]:
     """Advance the cached activations through block ``acts.index`` (dense) and, in the same forward, collect
@@ -237,7 +294,8 @@ def _dense_block_pass(pruner: SequentialPruner, acts: Activations, sq_norm: bool
 
 def sweep(job: common.Job, metrics: Sequence[str], sparsity: float, pattern: SparsityPattern, blocks: Sequence[int],
           input_ids: torch.Tensor | None, measure, progress: bool = True) -> tuple[dict, dict]:
-    """For each block in ``blocks`` and each metric: prune only that block, ``measure()`` the model, restore.
+    """For each block in ``blocks`` and each metric: prune only that block, ``measure(block)`` the model,
+    restore.
 
     Returns ({metric: [measure() per block]}, {metric: [achieved block sparsity]}). The model is bit-identical
     to the input afterwards."""
@@ -269,7 +327,7 @@ def sweep(job: common.Job, metrics: Sequence[str], sparsity: float, pattern: Spa
                 records = pruner.prune_layers(layers, targets, stats)
                 achieved[name].append(sum(r.zeros for r in records) / sum(r.numel for r in records))
                 try:
-                    values[name].append(measure())
+                    values[name].append(measure(index))
                 finally:
                     common.restore(layers, saved)
                 del saved
@@ -320,11 +378,17 @@ def layerwise_sensitivity(
     timings["dense perplexity"] = round(time.perf_counter() - t, 3)
     log.info("dense %s", dense)
 
-    def measure() -> float:
-        return job.perplexity(corpus).perplexity
-
     t = time.perf_counter()
-    ppl, achieved = sweep(job, names, sparsity, pattern, chosen, ids, measure, progress)
+    tail = TailPerplexity.create(job, corpus)
+
+    def measure(index: int) -> float:
+        return tail.measure(index) if tail is not None else job.perplexity(corpus).perplexity
+
+    try:
+        ppl, achieved = sweep(job, names, sparsity, pattern, chosen, ids, measure, progress)
+    finally:
+        if tail is not None:
+            tail.close()
     timings["sweep"] = round(time.perf_counter() - t, 3)
     timings["total"] = round(time.perf_counter() - start, 3)
     settings = {

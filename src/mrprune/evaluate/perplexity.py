@@ -84,10 +84,11 @@ def eval_windows(tokenizer, text: str, seqlen: int, max_windows: int | None, bos
 def window_nll(model, window: torch.Tensor, device: torch.device) -> float:
     """Mean next-token negative log-likelihood of one window."""
     ids = window[None].to(device)
-    return _nll(model(input_ids=ids, use_cache=False).logits, ids)
+    return nll_of(model(input_ids=ids, use_cache=False).logits, ids)
 
 
-def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+def nll_of(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean next-token NLL of one window (1 x seqlen ids) from its logits."""
     return float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="mean"))
 
 
@@ -102,9 +103,17 @@ def block_major_nlls(model, windows: torch.Tensor, device: torch.device, progres
         for start in range(0, windows.shape[0], chunk):
             inputs = [window[None] for window in windows[start : start + chunk]]  # each window its own forward
             finals = blockwise.run_blocks(model, inputs, device, bar)
-            nlls += [_nll(blockwise.head_logits(model, ids, final), ids.to(device)) for ids, final in zip(inputs, finals)]
+            nlls += [nll_of(blockwise.head_logits(model, ids, final), ids.to(device)) for ids, final in zip(inputs, finals)]
             bar.update()
     return nlls
+
+
+def model_windows(model, tokenizer, corpus: Corpus, seqlen: int, max_windows: int | None,
+                  bos: str) -> tuple[torch.Tensor, bool]:
+    """:func:`eval_windows` for ``model`` (its architecture may need BOS; windows must fit its context)."""
+    check_context(model, seqlen, "an evaluation window (--eval-seqlen; mrprune eval: --seqlen)")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return eval_windows(tokenizer, corpus.text or "", seqlen, max_windows, bos, model_type)
 
 
 def perplexity(
@@ -120,10 +129,8 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of ``model`` (already placed for running on ``device``; with ``offload`` its blocks on the
     host) on ``corpus.text``."""
-    check_context(model, seqlen, "an evaluation window (--eval-seqlen; mrprune eval: --seqlen)")
     device = device or next(model.parameters()).device
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    windows, per_window_bos = eval_windows(tokenizer, corpus.text or "", seqlen, max_windows, bos, model_type)
+    windows, per_window_bos = model_windows(model, tokenizer, corpus, seqlen, max_windows, bos)
     if offload:
         nlls = block_major_nlls(model, windows, device, progress)
     else:

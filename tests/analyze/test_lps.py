@@ -106,9 +106,9 @@ def test_measuring_from_the_pruned_block_on_gives_the_full_forwards_numbers(toke
     for mode in ("tail", "whole"):
         if mode == "whole":
             monkeypatch.setattr(blockwise, "CHUNK_BYTES", 0)  # no room for the kept states: whole forwards
-        created = []
+        created: list = []
         monkeypatch.setattr(lps.TailPerplexity, "create",
-                            classmethod(lambda cls, *a: created.append(original(*a)) or created[-1]))
+                            classmethod(lambda cls, *a, made=created: made.append(original(*a)) or made[-1]))
         runs[mode] = layerwise_sensitivity(tiny_model(family), config, metrics="wanda,magnitude", blocks="0,2",
                                            tokenizer=tokenizer, progress=False)
         assert (created[0] is not None) == (mode == "tail")

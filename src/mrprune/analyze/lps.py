@@ -226,8 +226,8 @@ class TailPerplexity:
     blocks l.. and the head only: each window is still its own forward, so the numbers are those of a full
     forward, for about half of its block compute on average."""
 
-    def __init__(self, job: common.Job, corpus, states: torch.Tensor, windows: torch.Tensor, bos: bool):
-        self.job, self.corpus, self.windows, self.bos = job, corpus, windows, bos
+    def __init__(self, job: common.Job, states: torch.Tensor, windows: torch.Tensor):
+        self.job, self.windows = job, windows
         self.calls = [call.to(job.device) for call in record_block_calls(job.adapter, windows[:1])]
         self.states = states  # dense hidden states entering block ``self.index``, one row per window
         self.index = 0
@@ -237,12 +237,12 @@ class TailPerplexity:
     def create(cls, job: common.Job, corpus) -> TailPerplexity | None:
         """None when two copies of the windows' hidden states would not fit in ``blockwise.CHUNK_BYTES``."""
         e = job.config.evaluation
-        windows, bos = model_windows(job.model, job.tokenizer, corpus, e.seqlen, e.max_windows, e.bos)
+        windows, _ = model_windows(job.model, job.tokenizer, corpus, e.seqlen, e.max_windows, e.bos)
         if 2 * blockwise.hidden_bytes(job.model, windows.numel()) > blockwise.CHUNK_BYTES:
             return None
         dtype = next(job.adapter.blocks.parameters()).dtype
         states, _ = capture_block_inputs(job.adapter, windows, 1, job.device, dtype)
-        return cls(job, corpus, states, windows, bos)
+        return cls(job, states, windows)
 
     def _run(self, index: int, hidden: torch.Tensor) -> None:
         block = self.mover.fetch(index)

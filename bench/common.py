@@ -26,6 +26,7 @@ def add_llama_shape(parser) -> None:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--mlp", type=int, default=11008)
     parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads; 70B: 8)")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048)
@@ -36,7 +37,8 @@ def llama_shape_config(args):
     from transformers import LlamaConfig
 
     return LlamaConfig(hidden_size=args.hidden, intermediate_size=args.mlp, num_hidden_layers=args.layers,
-                       num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
+                       num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads,
+                       vocab_size=args.vocab,
                        max_position_embeddings=max(4096, args.seqlen))
 
 

@@ -277,7 +277,8 @@ def main() -> None:
 
 def environment(args) -> dict:
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-           "shape": f"{args.layers} blocks, hidden {args.hidden}, mlp {args.mlp}, vocab {args.vocab}, bf16",
+           "shape": f"{args.layers} blocks, hidden {args.hidden}, mlp {args.mlp}, heads {args.heads} "
+                    f"(kv {args.kv_heads or args.heads}), vocab {args.vocab}, bf16",
            "calibration": f"{args.nsamples} x {args.seqlen}", "batch_size": args.batch_size}
     try:
         import transformers

@@ -8,8 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from hypothesis import HealthCheck, settings
 
 from mrprune.testing import train_tokenizer
+
+# a loaded machine (parallel workers, CI) can stall input generation for seconds: timing is not behaviour
+settings.register_profile("mrprune", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("mrprune")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 #: tests that take the ``device`` fixture run on every device present (the CPU, and CUDA where available)

@@ -319,3 +319,25 @@ def test_offloaded_zeroshot_scores_as_resident(shared_data, tokenizer):
     scores = [zs.evaluate_zeroshot(model, tokenizer, "rte", limit=8, task_data=shared_data, offload=offload)
               .to_dict()["tasks"]["rte"] for offload in (False, True)]
     assert scores[1]["acc"] == scores[0]["acc"] and scores[1]["acc_stderr"] == scores[0]["acc_stderr"]
+
+
+@needs_lm_eval
+def test_offloaded_generation_is_hflms(tokenizer, one_thread):
+    """Generation tasks cannot run block by block; the subclass streams the blocks for them and must answer
+    what HFLM answers."""
+    import copy
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from mrprune.evaluate.lm_blockwise import block_major_lm
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    requests = [Instance(request_type="generate_until", doc={}, idx=0,
+                         arguments=(context, {"until": ["\n\n"], "max_gen_toks": 6, "do_sample": False}))
+                for context in ("The module", "A function returns")]
+    expected = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=1).generate_until(
+        requests, disable_tqdm=True)
+    lm = block_major_lm(HFLM)(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=1)
+    assert lm.generate_until(requests, disable_tqdm=True) == expected and all(expected)

@@ -449,10 +449,10 @@ def evaluate_perplexity(
     check_choice("bos", bos, CHOICES["evaluation.bos"])
     if model is not None and not isinstance(model, (str, Path)) and tokenizer is None:
         raise ConfigError("evaluating a model object needs its tokenizer: pass tokenizer=...")
+    corpus = load_eval_text(text)  # before the weights load: a mistyped path costs no minutes of loading
     if model is None or isinstance(model, (str, Path)):
         loaded = load_model(None if model is None else str(model), dtype, device, trust_remote_code, allow_pickle)
         model, tokenizer = loaded.model, loaded.tokenizer
-    corpus = load_eval_text(text)
     torch_device = resolve_device(device)
     adapter = get_adapter(model)
     place_model(model, adapter.blocks_name, torch_device, offload)

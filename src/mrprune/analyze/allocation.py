@@ -216,9 +216,10 @@ def allocation_analysis(
     protect = input_paths(model if model is not None else config.model)
     out = common.prepare_dir(output, overwrite, "allocation.json", protect)
     start = time.perf_counter()
-    job = common.load_job(model, tokenizer, config)
-    ids = common.calibration_ids(config, job.tokenizer)
+    calibration = common.calibration_corpus(config)  # texts are checked before the weights load
     corpus = common.eval_corpus(config) if evaluate else None
+    job = common.load_job(model, tokenizer, config)
+    ids = common.calibration_ids(config, job.tokenizer, calibration)
     m = config.allocation.mrp.m
     reference = DenseReference(job, ids, m, progress)
     dense_ppl = job.perplexity(corpus, progress).to_dict() if corpus is not None else None

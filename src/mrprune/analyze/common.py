@@ -30,8 +30,8 @@ from ..export import (
 )
 from ..metrics import build_metric
 from ..metrics.pattern import SparsityPattern
-from ..models.adapter import LinearRef, ModelAdapter, get_adapter
-from ..models.loading import resolve_device
+from ..models.adapter import LinearRef, ModelAdapter, _num_layers, get_adapter
+from ..models.loading import open_source, resolve_device
 from ..runner import SequentialPruner
 from ..runtime import place_model
 
@@ -149,10 +149,17 @@ def load_job(model, tokenizer, config: PruneConfig, need_tokenizer: bool = True)
     return Job(model, tokenizer, adapter, source, device, config)
 
 
-def calibration_ids(config: PruneConfig, tokenizer) -> torch.Tensor:
-    """The calibration windows a prune job with ``config`` would draw (same source, size and seed)."""
+def calibration_corpus(config: PruneConfig) -> Corpus:
+    """The calibration text of ``config``, read (and so checked) before any model is loaded."""
     c = config.calibration
-    corpus = read_corpus(c.source, "calibration", c.column)
+    return read_corpus(c.source, "calibration", c.column)
+
+
+def calibration_ids(config: PruneConfig, tokenizer, corpus: Corpus | None = None) -> torch.Tensor:
+    """The calibration windows a prune job with ``config`` would draw (same source, size and seed) from
+    ``corpus`` (default: read it now)."""
+    c = config.calibration
+    corpus = corpus if corpus is not None else calibration_corpus(config)
     ids = sample_calibration(corpus, tokenizer, c.nsamples, c.seqlen, c.seed)
     log.info("calibration: %d x %d tokens from %s (seed %d)", c.nsamples, c.seqlen, corpus.name, c.seed)
     return ids
@@ -166,6 +173,15 @@ def calibration_summary(config: PruneConfig) -> dict:
 
 def eval_corpus(config: PruneConfig) -> Corpus:
     return load_eval_text(config.evaluation.text)
+
+
+def declared_blocks(model, config: PruneConfig) -> int | None:
+    """The number of blocks the model's config declares, read without loading its weights (None if unsaid)."""
+    if model is not None and not isinstance(model, (str, Path)):
+        return _num_layers(getattr(model, "config", None))
+    r = config.runtime
+    return _num_layers(open_source(str(model) if model is not None else config.model, r.trust_remote_code,
+                                   r.allow_pickle).config)
 
 
 def layout(adapter: ModelAdapter) -> list[list[tuple[str, tuple[int, int]]]]:

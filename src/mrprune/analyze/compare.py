@@ -188,9 +188,10 @@ def compare(
     if config.evaluation.tasks:
         tasks = zs.prepare_tasks(config.evaluation.tasks, config.evaluation.task_data)  # fails before heavy work
     start = time.perf_counter()
+    corpus = common.eval_corpus(config)  # texts are checked before the weights load
+    calibration = common.calibration_corpus(config) if redundancy else None
     job = common.load_job(model, tokenizer, config)
-    corpus = common.eval_corpus(config)
-    ids = common.calibration_ids(config, job.tokenizer) if redundancy else None
+    ids = common.calibration_ids(config, job.tokenizer, calibration) if calibration is not None else None
     reference = DenseReference(job, ids, config.allocation.mrp.m, progress)
     e = config.evaluation
 

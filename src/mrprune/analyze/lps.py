@@ -364,13 +364,19 @@ def layerwise_sensitivity(
         plots.require()
     protect = input_paths(model if model is not None else config.model)
     out = common.prepare_dir(output, overwrite, "lps.json", protect)
+    # what can be checked without the weights is, before they load (a 70B model takes minutes)
+    corpus = common.eval_corpus(config)
+    metric_objects = [build_metric(name, config) for name in names]
+    calibration = (common.calibration_corpus(config) if any(m.needs_calibration for m in metric_objects)
+                   else None)
+    if blocks is not None and (declared := common.declared_blocks(model if model is not None else config.model,
+                                                                   config)) is not None:
+        parse_blocks(blocks, declared)
     start = time.perf_counter()
     job = common.load_job(model, tokenizer, config)
     check_pattern(job.adapter, pattern)
     chosen = parse_blocks(blocks, job.adapter.num_blocks)
-    corpus = common.eval_corpus(config)
-    metric_objects = [build_metric(name, config) for name in names]
-    ids = common.calibration_ids(config, job.tokenizer) if any(m.needs_calibration for m in metric_objects) else None
+    ids = common.calibration_ids(config, job.tokenizer, calibration) if calibration is not None else None
     timings: dict[str, float] = {}
 
     t = time.perf_counter()

@@ -195,6 +195,7 @@ def redundancy_profile(
     m = config.allocation.mrp.m
     if m <= 0:
         raise ConfigError(f"the outlier multiple M must be positive, got {m:g}")
+    calibration = common.calibration_corpus(config)  # checked before the weights load
     start = time.perf_counter()
     ids = None
     taus = None
@@ -204,7 +205,7 @@ def redundancy_profile(
     if dense is not None:
         job = common.load_job(dense, dense_tokenizer, config)
         dense_source = job.source
-        ids = common.calibration_ids(config, job.tokenizer)
+        ids = common.calibration_ids(config, job.tokenizer, calibration)
         taus = dense_thresholds(job.adapter, job.observe(ids, progress), m)
         dense_weights = common.snapshot(job.adapter.all_linear_layers(), "cpu")
         dense_layout = common.layout(job.adapter)
@@ -216,7 +217,7 @@ def redundancy_profile(
         _check_same_architecture(dense_layout, common.layout(job.adapter), dense_vocab,
                                  job.model.get_input_embeddings().weight.shape[0])
     if ids is None:
-        ids = common.calibration_ids(config, job.tokenizer)
+        ids = common.calibration_ids(config, job.tokenizer, calibration)
     sq_norms = job.observe(ids, progress, dense_weights=dense_weights)
     if taus is None:
         taus = surviving_thresholds(block_counts(job.adapter, sq_norms), m)

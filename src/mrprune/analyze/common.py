@@ -30,7 +30,7 @@ from ..export import (
 )
 from ..metrics import build_metric
 from ..metrics.pattern import SparsityPattern
-from ..models.adapter import LinearRef, ModelAdapter, _num_layers, get_adapter
+from ..models.adapter import LinearRef, ModelAdapter, declared_num_layers, get_adapter
 from ..models.loading import open_source, resolve_device
 from ..runner import SequentialPruner
 from ..runtime import place_model
@@ -178,9 +178,9 @@ def eval_corpus(config: PruneConfig) -> Corpus:
 def declared_blocks(model, config: PruneConfig) -> int | None:
     """The number of blocks the model's config declares, read without loading its weights (None if unsaid)."""
     if model is not None and not isinstance(model, (str, Path)):
-        return _num_layers(getattr(model, "config", None))
+        return declared_num_layers(getattr(model, "config", None))
     r = config.runtime
-    return _num_layers(open_source(str(model) if model is not None else config.model, r.trust_remote_code,
+    return declared_num_layers(open_source(str(model) if model is not None else config.model, r.trust_remote_code,
                                    r.allow_pickle).config)
 
 

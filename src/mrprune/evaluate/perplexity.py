@@ -103,7 +103,8 @@ def block_major_nlls(model, windows: torch.Tensor, device: torch.device, progres
         for start in range(0, windows.shape[0], chunk):
             inputs = [window[None] for window in windows[start : start + chunk]]  # each window its own forward
             finals = blockwise.run_blocks(model, inputs, device, bar)
-            nlls += [nll_of(blockwise.head_logits(model, ids, final), ids.to(device)) for ids, final in zip(inputs, finals)]
+            nlls += [nll_of(blockwise.head_logits(model, ids, final), ids.to(device))
+                     for ids, final in zip(inputs, finals)]
             bar.update()
     return nlls
 

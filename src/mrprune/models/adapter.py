@@ -71,7 +71,8 @@ class LinearRef:
         self.module.weight.data = old
 
 
-def _num_layers(config) -> int | None:
+def declared_num_layers(config) -> int | None:
+    """``num_hidden_layers`` of a (possibly multimodal) config; None if it does not say."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(text_config, "num_hidden_layers", None)
 
@@ -95,7 +96,7 @@ class ModelAdapter:
                 f"{type(model).__name__} ({config.model_type}) is not a decoder-only causal language model"
             )
         self.model = model
-        self.blocks_name, self.blocks = self._find_blocks(model, _num_layers(config))
+        self.blocks_name, self.blocks = self._find_blocks(model, declared_num_layers(config))
 
     @staticmethod
     def _find_blocks(model: nn.Module, expected: int | None) -> tuple[str, nn.ModuleList]:

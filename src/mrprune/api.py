@@ -16,7 +16,7 @@ from .config import CHOICES, PruneConfig, check_choice, check_positive
 from .data import load_eval_text, read_corpus, sample_calibration
 from .errors import ConfigError, reason
 from .evaluate import zeroshot as zs
-from .evaluate.perplexity import PerplexityResult, eval_windows, perplexity
+from .evaluate.perplexity import PerplexityResult, eval_windows, model_windows, perplexity
 from .export import check_disk, check_output, check_writable, existing_ancestor, export_bytes, export_model, input_paths
 from .metrics import build_metric
 from .metrics.pattern import SparsityPattern
@@ -449,11 +449,18 @@ def evaluate_perplexity(
     check_choice("bos", bos, CHOICES["evaluation.bos"])
     if model is not None and not isinstance(model, (str, Path)) and tokenizer is None:
         raise ConfigError("evaluating a model object needs its tokenizer: pass tokenizer=...")
-    corpus = load_eval_text(text)  # before the weights load: a mistyped path costs no minutes of loading
-    if model is None or isinstance(model, (str, Path)):
-        loaded = load_model(None if model is None else str(model), dtype, device, trust_remote_code, allow_pickle)
-        model, tokenizer = loaded.model, loaded.tokenizer
+    # the text, the windows' length against the model's context and the text's length against the windows are
+    # checked before the weights load (a weightless skeleton): a mistake must not cost minutes of loading
+    corpus = load_eval_text(text)
     torch_device = resolve_device(device)
+    if model is None or isinstance(model, (str, Path)):
+        source = open_source(None if model is None else str(model), trust_remote_code, allow_pickle)
+        tokenizer = load_tokenizer(source, trust_remote_code)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        shaped = skeleton(source, torch_dtype, trust_remote_code)
+        if shaped is not None:
+            model_windows(shaped, tokenizer, corpus, seqlen, max_windows, bos)
+        model = load_weights(source, torch_dtype, trust_remote_code, allow_pickle)
     adapter = get_adapter(model)
     place_model(model, adapter.blocks_name, torch_device, offload)
     return perplexity(model, tokenizer, corpus, seqlen, max_windows, bos, torch_device, progress, offload)

@@ -232,6 +232,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def eval_zeroshot(args: argparse.Namespace) -> int:
     """``mrprune eval --tasks``: zero-shot tasks, plus perplexity on the same loaded model when --text is given."""
     from .api import evaluate_perplexity, evaluate_zeroshot
+    from .data import load_eval_text
     from .evaluate.zeroshot import prepare_tasks
     from .models.loading import load_model
 
@@ -244,6 +245,7 @@ def eval_zeroshot(args: argparse.Namespace) -> int:
     loading = {"device": args.device, "dtype": args.dtype, "offload": args.offload}
     model, tokenizer, ppl = args.model, None, None
     if args.text is not None:
+        load_eval_text(args.text)  # a missing text fails before the weights load
         loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, args.allow_pickle)
         model, tokenizer = loaded.model, loaded.tokenizer
         ppl = evaluate_perplexity(model, tokenizer, text=args.text, seqlen=args.seqlen, max_windows=args.max_windows,

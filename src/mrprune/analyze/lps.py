@@ -369,8 +369,7 @@ def layerwise_sensitivity(
     metric_objects = [build_metric(name, config) for name in names]
     calibration = (common.calibration_corpus(config) if any(m.needs_calibration for m in metric_objects)
                    else None)
-    if blocks is not None and (declared := common.declared_blocks(model if model is not None else config.model,
-                                                                   config)) is not None:
+    if blocks is not None and (declared := common.declared_blocks(model, config)) is not None:
         parse_blocks(blocks, declared)
     start = time.perf_counter()
     job = common.load_job(model, tokenizer, config)

@@ -68,7 +68,6 @@ def test_estimate_grows_with_the_options_that_should_grow_it():
     assert set(cpu.pools) == {"host"} and cpu.pools["host"]["activations"] == acts
 
 
-
 def test_offloaded_evaluation_counts_the_chunk_of_windows_that_goes_through_the_blocks_together():
     shape = shape_of()
     cuda = torch.device("cuda")

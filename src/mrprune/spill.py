@@ -98,9 +98,3 @@ def on_ram(path: str | Path, mountinfo: str = "/proc/self/mountinfo") -> bool:
     except (OSError, ValueError, IndexError):
         return False
     return fstype in ("tmpfs", "ramfs")
-
-    def __enter__(self) -> SpillStore:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

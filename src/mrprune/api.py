@@ -16,7 +16,7 @@ from .config import CHOICES, PruneConfig, check_choice, check_positive
 from .data import load_eval_text, read_corpus, sample_calibration
 from .errors import ConfigError, reason
 from .evaluate import zeroshot as zs
-from .evaluate.perplexity import PerplexityResult, eval_windows, model_windows, perplexity
+from .evaluate.perplexity import PerplexityResult, eval_windows, model_windows, perplexity, windows_perplexity
 from .export import check_disk, check_output, check_writable, existing_ancestor, export_bytes, export_model, input_paths
 from .metrics import build_metric
 from .metrics.pattern import SparsityPattern
@@ -453,17 +453,20 @@ def evaluate_perplexity(
     # checked before the weights load (a weightless skeleton): a mistake must not cost minutes of loading
     corpus = load_eval_text(text)
     torch_device = resolve_device(device)
+    windows = None
     if model is None or isinstance(model, (str, Path)):
         source = open_source(None if model is None else str(model), trust_remote_code, allow_pickle)
         tokenizer = load_tokenizer(source, trust_remote_code)
         torch_dtype = resolve_dtype(dtype, torch_device)
         shaped = skeleton(source, torch_dtype, trust_remote_code)
         if shaped is not None:
-            model_windows(shaped, tokenizer, corpus, seqlen, max_windows, bos)
+            windows = model_windows(shaped, tokenizer, corpus, seqlen, max_windows, bos)
         model = load_weights(source, torch_dtype, trust_remote_code, allow_pickle)
+    if windows is None:
+        windows = model_windows(model, tokenizer, corpus, seqlen, max_windows, bos)
     adapter = get_adapter(model)
     place_model(model, adapter.blocks_name, torch_device, offload)
-    return perplexity(model, tokenizer, corpus, seqlen, max_windows, bos, torch_device, progress, offload)
+    return windows_perplexity(model, *windows, corpus.name, torch_device, progress, offload)
 
 
 def evaluate_zeroshot(

@@ -11,7 +11,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ import torch
 from ..config import PruneConfig, merge
 from ..data import Corpus, load_eval_text, read_corpus, sample_calibration
 from ..errors import ConfigError, OutputError
-from ..evaluate.perplexity import PerplexityResult, perplexity
+from ..evaluate.perplexity import PerplexityResult, model_windows, windows_perplexity
 from ..export import (
     check_clear_of_inputs,
     check_output,
@@ -107,6 +107,7 @@ class Job:
     source: str
     device: torch.device
     config: PruneConfig
+    _windows: dict[str, tuple[torch.Tensor, bool]] = field(default_factory=dict, repr=False)
 
     def pruner(self, metric: str = "wanda", pattern: SparsityPattern | None = None,
                progress: bool = False) -> SequentialPruner:
@@ -114,10 +115,19 @@ class Job:
         return SequentialPruner(self.adapter, build_metric(metric, self.config), pattern or SparsityPattern(),
                                 self.device, r.batch_size, r.offload, r.offload_activations, progress=progress)
 
+    def windows(self, corpus: Corpus) -> tuple[torch.Tensor, bool]:
+        """The evaluation windows of ``corpus`` (and whether each starts with BOS), cut once per job: an
+        analysis measures perplexity once per block, metric or cell."""
+        if corpus.name not in self._windows:
+            e = self.config.evaluation
+            self._windows[corpus.name] = model_windows(self.model, self.tokenizer, corpus, e.seqlen, e.max_windows,
+                                                       e.bos)
+        return self._windows[corpus.name]
+
     def perplexity(self, corpus: Corpus, progress: bool = False) -> PerplexityResult:
-        e = self.config.evaluation
-        return perplexity(self.model, self.tokenizer, corpus, e.seqlen, e.max_windows, e.bos, self.device,
-                          progress, self.config.runtime.offload)
+        windows, bos = self.windows(corpus)
+        return windows_perplexity(self.model, windows, bos, corpus.name, self.device, progress,
+                                  self.config.runtime.offload)
 
     def observe(self, input_ids: torch.Tensor, progress: bool = False,
                 dense_weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ from ..calibrate import StatsCollector, capture_block_inputs, record_block_calls
 from ..config import PruneConfig
 from ..errors import ConfigError
 from ..evaluate import blockwise
-from ..evaluate.perplexity import model_windows, nll_of
+from ..evaluate.perplexity import nll_of
 from ..export import input_paths
 from ..metrics import METRICS, build_metric
 from ..metrics.base import LayerStats
@@ -236,8 +236,7 @@ class TailPerplexity:
     @classmethod
     def create(cls, job: common.Job, corpus) -> TailPerplexity | None:
         """None when two copies of the windows' hidden states would not fit in ``blockwise.CHUNK_BYTES``."""
-        e = job.config.evaluation
-        windows, _ = model_windows(job.model, job.tokenizer, corpus, e.seqlen, e.max_windows, e.bos)
+        windows, _ = job.windows(corpus)
         if 2 * blockwise.hidden_bytes(job.model, windows.numel()) > blockwise.CHUNK_BYTES:
             return None
         dtype = next(job.adapter.blocks.parameters()).dtype

@@ -130,11 +130,19 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of ``model`` (already placed for running on ``device``; with ``offload`` its blocks on the
     host) on ``corpus.text``."""
-    device = device or next(model.parameters()).device
     windows, per_window_bos = model_windows(model, tokenizer, corpus, seqlen, max_windows, bos)
+    return windows_perplexity(model, windows, per_window_bos, corpus.name, device, progress, offload)
+
+
+def windows_perplexity(model, windows: torch.Tensor, per_window_bos: bool, text: str,
+                       device: torch.device | None = None, progress: bool = True,
+                       offload: bool = False) -> PerplexityResult:
+    """:func:`perplexity` on windows already cut (by :func:`model_windows`): a caller measuring many times
+    tokenises its text once."""
+    device = device or next(model.parameters()).device
     if offload:
         nlls = block_major_nlls(model, windows, device, progress)
     else:
         nlls = [window_nll(model, w, device)
                 for w in tqdm(windows, desc="perplexity", unit="window", disable=not progress)]
-    return PerplexityResult(math.exp(sum(nlls) / len(nlls)), corpus.name, len(nlls), seqlen, per_window_bos)
+    return PerplexityResult(math.exp(sum(nlls) / len(nlls)), text, len(nlls), windows.shape[1], per_window_bos)

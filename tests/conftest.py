@@ -47,6 +47,22 @@ FAMILIES = {
     "gpt_neox": lambda: transformers.GPTNeoXConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
         max_position_embeddings=128),
+    # mixtures of experts (experts in 3-D tensors): a router module, a router Linear with one output per expert
+    # (PhiMoE), a shared expert with a one-output gate Linear (Qwen2-MoE), transposed experts with biases and an
+    # interleaved, clamped gate (GPT-OSS)
+    "mixtral": lambda: transformers.MixtralConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2),
+    "phimoe": lambda: transformers.PhimoeConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2),
+    "gpt_oss": lambda: transformers.GptOssConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
 }
 
 

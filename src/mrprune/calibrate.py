@@ -10,6 +10,8 @@ windows by a pre-hook that stops the forward there.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from .metrics.base import LayerStats
-from .models.adapter import LinearRef, ModelAdapter
+from .models.adapter import ExpertRef, LinearRef, ModelAdapter
 from .runtime import move_tree
 
 #: keyword arguments through which a parent passes a KV cache; calibration never uses one
@@ -200,10 +202,43 @@ def mirror_gram(hessian: torch.Tensor, parts: int | None = None) -> None:
             hessian[cols, rows] = hessian[rows, cols].t()
 
 
+def routed_inputs(experts: nn.Module, args: tuple, kwargs: dict, hidden_inputs: bool = True
+                  ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """(expert, its input, the input of its down projection) for every expert a call of a fused experts module
+    routes tokens to; the second input only with ``hidden_inputs``.
+
+    The call's own arguments (hidden states, each token's chosen experts) give the tokens each expert sees; the
+    down projection's input is recomputed from the expert's weights with the module's own gate (``_apply_gate``,
+    e.g. GPT-OSS's clamped SwiGLU) or activation, as transformers' experts implementations compute it.
+    """
+    bound = inspect.signature(experts.forward).bind(*args, **kwargs)
+    hidden, chosen = list(bound.arguments.values())[:2]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    chosen = chosen.reshape(hidden.shape[0], -1)
+    count = experts.down_proj.shape[0]
+    gated = experts.has_gate
+    up_name = "gate_up_proj" if gated else "up_proj"
+    for expert in torch.unique(chosen).tolist():
+        if not 0 <= expert < count:  # expert-parallel sentinels
+            continue
+        x = hidden[(chosen == expert).any(dim=-1)]
+        if not hidden_inputs:
+            yield expert, x, None
+            continue
+        w = getattr(experts, up_name)[expert]
+        up = x @ w if experts.is_transposed else nn.functional.linear(x, w)
+        if experts.has_bias:
+            up = up + getattr(experts, f"{up_name}_bias")[expert]
+        yield expert, x, experts._apply_gate(up) if gated else experts.act_fn(up)
+
+
 class StatsCollector:
     """Forward pre-hooks on one block's linear layers accumulating input statistics in float32.
 
     Layers fed the very same tensor (q/k/v, gate/up) share one accumulator, so each statistic is computed once.
+    A fused experts module gets one hook that splits its input by the experts its router chose
+    (:func:`routed_inputs`). A layer that no token reached (an expert never chosen) gets zero statistics
+    marked ``unseen``: its Wanda scores are zero, and the metrics prune it by magnitude.
     """
 
     def __init__(self, layers: list[LinearRef], sq_norm: bool, hessian: bool):
@@ -217,8 +252,14 @@ class StatsCollector:
         self._handles: list = []
 
     def __enter__(self) -> StatsCollector:
+        fused: dict[int, list[ExpertRef]] = {}
         for ref in self.layers:
-            self._handles.append(ref.module.register_forward_pre_hook(self._hook(ref)))
+            if isinstance(ref, ExpertRef):
+                fused.setdefault(id(ref.module), []).append(ref)
+            else:
+                self._handles.append(ref.module.register_forward_pre_hook(self._hook(ref)))
+        for refs in fused.values():
+            self._handles.append(refs[0].module.register_forward_pre_hook(self._experts_hook(refs), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -235,6 +276,19 @@ class StatsCollector:
                 return
             self._last_input, self._last_owner = x, ref.name
             self._accumulate(ref, x)
+
+        return hook
+
+    def _experts_hook(self, refs: list[ExpertRef]):
+        by_expert: dict[int, list[ExpertRef]] = {}
+        for ref in refs:
+            by_expert.setdefault(ref.expert, []).append(ref)
+        need_hidden = any(ref.param == "down_proj" for ref in refs)
+
+        def hook(module, args, kwargs):
+            for expert, x, hidden in routed_inputs(module, args, kwargs, need_hidden):
+                for ref in by_expert.get(expert, ()):
+                    self._accumulate(ref, hidden if ref.param == "down_proj" else x)
 
         return hook
 
@@ -263,4 +317,15 @@ class StatsCollector:
         out = dict(self.stats)
         for name, owner in self.shared_with.items():
             out[name] = self.stats[owner]
+        for ref in self.layers:
+            if ref.name not in out:
+                out[ref.name] = self._unseen(ref)
         return out
+
+    def _unseen(self, ref: LinearRef) -> LayerStats:
+        dim, device = ref.in_features, ref.weight.device
+        return LayerStats(
+            sq_norm=torch.zeros(dim, dtype=torch.float32, device=device) if self.want_sq_norm else None,
+            hessian=torch.zeros(dim, dim, dtype=torch.float32, device=device) if self.want_hessian else None,
+            unseen=True,
+        )

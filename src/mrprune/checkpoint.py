@@ -244,7 +244,7 @@ class Checkpoint:
 
         self.directory.mkdir(parents=True, exist_ok=True)
         for index in blocks:
-            tensors = {f"{ref.name}.weight": ref.module.weight.detach().to("cpu").contiguous()
+            tensors = {f"{ref.name}.weight": ref.stored.detach().to("cpu").contiguous()
                        for ref in adapter.linear_layers(index)}
             _atomic(self.directory / block_file(index), lambda tmp, tensors=tensors: save_file(tensors, tmp))
 
@@ -312,9 +312,9 @@ class Checkpoint:
                 before_write(index)
             for ref in adapter.linear_layers(index):
                 saved = tensors.get(f"{ref.name}.weight")
-                if saved is None or saved.shape != ref.module.weight.shape:
+                if saved is None or saved.shape != ref.stored.shape:
                     raise CheckpointError(f"{path} does not hold the weight of {ref.name} as this model has it")
-                ref.module.weight.data.copy_(saved)
+                ref.stored.copy_(saved)
         return blocks
 
     def load_activations(self) -> torch.Tensor:

@@ -18,7 +18,7 @@ from .calibrate import BlockCall, StatsCollector, capture_block_inputs, record_b
 from .checkpoint import Checkpoint
 from .metrics.base import LayerStats, PruningMetric
 from .metrics.pattern import SparsityPattern
-from .models.adapter import LinearRef, ModelAdapter, check_context
+from .models.adapter import LinearRef, ModelAdapter, check_context, restore_weights, swap_weights
 from .numerics import check_pruned_weight, check_stats, require_finite_activations
 from .runtime import BlockMover, PhaseTimer, place_model
 from .spill import SpillStore
@@ -159,15 +159,11 @@ class SequentialPruner:
     def weights_of(self, index: int, weights: dict[str, torch.Tensor]):
         """Temporarily give block ``index``'s linear layers the given weights (e.g. its dense ones): swapped in
         as tensors of their own, so the block's own weights are neither copied nor written meanwhile."""
-        layers = self.adapter.linear_layers(index)
-        current = []
+        swapped = swap_weights(self.adapter.linear_layers(index), weights)
         try:
-            for ref in layers:
-                current.append((ref, ref.swap_weight(weights[ref.name])))
             yield
         finally:
-            for ref, weight in current:
-                ref.restore_weight(weight)
+            restore_weights(swapped)
 
     def block_statistics(self, acts: Activations, index: int, hessian: bool = False,
                          dense_weights: dict[str, torch.Tensor] | None = None,

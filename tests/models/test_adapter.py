@@ -4,10 +4,13 @@ import transformers
 
 from mrprune.errors import UnsupportedModelError
 from mrprune.models import get_adapter
+from mrprune.models.adapter import ExpertRef
 from tests.conftest import FAMILIES, tiny_model
 
 EXPECTED_LINEARS = {
     "llama": 7, "mistral": 7, "qwen2": 7, "qwen3": 7, "gemma3": 7, "opt": 6, "gpt2": 4, "phi3": 4, "gpt_neox": 4,
+    # attention + gate_up and down of 4 experts (+ Qwen2-MoE's shared expert); routers are not layers
+    "mixtral": 12, "phimoe": 12, "gpt_oss": 12, "qwen2_moe": 15,
 }
 
 
@@ -21,7 +24,8 @@ def test_adapter_finds_blocks_and_linear_layers(family):
     assert all(ref.block == 1 and ".1." in ref.name for ref in layers)
     modules = dict(model.named_modules())
     for ref in layers:
-        assert modules[ref.name] is ref.module
+        owner = ref.name.rsplit(".", 2)[0] if isinstance(ref, ExpertRef) else ref.name
+        assert modules[owner] is ref.module
         assert ref.weight.shape == (ref.out_features, ref.in_features)
     assert sum(adapter.block_sizes()) == sum(ref.numel for ref in adapter.all_linear_layers())
     # the LM head and embeddings are never decoder linear layers

@@ -23,6 +23,8 @@ class LayerStats:
     sq_norm: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
     notes: list[str] = field(default_factory=list)
+    #: no calibration token reached the layer (an expert its router never chose): the statistics are zeros
+    unseen: bool = False
     #: what a metric derives from these statistics once for every layer sharing them (SparseGPT's H^-1)
     derived: dict = field(default_factory=dict, repr=False)
 
@@ -57,3 +59,19 @@ class PruningMetric(ABC):
         forced: torch.Tensor | None = None,
     ) -> PruneResult:
         """Prune ``weight`` (float32, out x in) to ``sparsity``; ``forced`` marks weights that must stay pruned."""
+
+
+#: the note a layer's record carries when no calibration token reached it
+UNSEEN_NOTE = "no calibration token reached this layer (an expert its router never chose): pruned by |W| per row"
+
+
+def prune_unseen(weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: SparsityPattern,
+                 forced: torch.Tensor | None = None) -> PruneResult:
+    """A layer without calibration statistics: Wanda's scores would all be zero and SparseGPT's Hessian empty,
+    so either would prune arbitrary weights; the magnitude within each row (Wanda with equal input norms) is
+    the ranking that still uses what is known."""
+    from .masks import select_mask
+
+    stats.notes.append(UNSEEN_NOTE)
+    mask = select_mask(weight.abs(), sparsity, pattern, group="row", forced=forced)
+    return PruneResult(weight.masked_fill(mask, 0.0), mask)

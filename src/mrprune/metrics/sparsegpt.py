@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PatternError
-from .base import LayerStats, PruneResult, PruningMetric
+from .base import LayerStats, PruneResult, PruningMetric, prune_unseen
 from .masks import lowest_in_matrix, lowest_n_of_m, target_count
 from .pattern import SparsityPattern
 
@@ -211,6 +211,8 @@ class SparseGPT(PruningMetric):
         self.percdamp = percdamp
 
     def prune(self, weight, stats: LayerStats, sparsity: float, pattern: SparsityPattern, forced=None) -> PruneResult:
+        if stats.unseen:
+            return prune_unseen(weight, stats, sparsity, pattern, forced)
         key = ("sparsegpt inverse", self.percdamp, weight.device)
         if key not in stats.derived:  # q/k/v and gate/up share their statistics, hence this
             stats.derived[key] = invert_hessian(stats.hessian, self.percdamp, weight.device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import LayerStats, PruneResult, PruningMetric
+from .base import LayerStats, PruneResult, PruningMetric, prune_unseen
 from .masks import select_mask
 from .pattern import SparsityPattern
 
@@ -19,5 +19,7 @@ class Wanda(PruningMetric):
     needs_sq_norm = True
 
     def prune(self, weight, stats: LayerStats, sparsity: float, pattern: SparsityPattern, forced=None) -> PruneResult:
+        if stats.unseen:
+            return prune_unseen(weight, stats, sparsity, pattern, forced)
         mask = select_mask(wanda_scores(weight, stats.sq_norm), sparsity, pattern, group="row", forced=forced)
         return PruneResult(weight.masked_fill(mask, 0.0), mask)

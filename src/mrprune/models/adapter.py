@@ -2,8 +2,11 @@
 
 The generic adapter finds the decoder block list (the ModuleList of ``num_hidden_layers`` identical blocks)
 and the linear sub-layers of each block (``nn.Linear`` and GPT-2's transposed ``Conv1D``), so Llama, Mistral,
-Qwen2/3, Gemma3, OPT, GPT-2, Phi-3 and GPT-NeoX need no code of their own. A family that does register a
-subclass in ``ADAPTERS`` under its ``model_type``. Everything else in mrprune reaches the model through here.
+Qwen2/3, Gemma3, OPT, GPT-2, Phi-3 and GPT-NeoX need no code of their own. Mixture-of-experts blocks store
+their experts as 3-D tensors (transformers' experts interface: ``gate_up_proj``/``up_proj`` and ``down_proj``,
+one matrix per expert); each expert's matrix is a layer of its own (:class:`ExpertRef`), and the routers that
+choose the experts stay dense. A family that needs more registers a subclass in ``ADAPTERS`` under its
+``model_type``. Everything else in mrprune reaches the model through here.
 """
 
 from __future__ import annotations
@@ -70,6 +73,85 @@ class LinearRef:
     def restore_weight(self, old: torch.Tensor) -> None:
         self.module.weight.data = old
 
+    @property
+    def stored(self) -> torch.Tensor:
+        """The weight as the model stores it (what a checkpoint saves and restores)."""
+        return self.module.weight.data
+
+
+#: the 3-D parameters of a fused experts module, one (out, in) matrix per expert (transformers' experts interface)
+EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ExpertRef(LinearRef):
+    """One expert's matrix inside a fused experts module's 3-D parameter ``param`` (experts x out x in, or
+    experts x in x out when the module says ``is_transposed``). Named ``...experts.<expert>.<param>``, the way
+    per-expert modules are named, so that layers fed the same input group by their parent's name."""
+
+    param: str = "down_proj"
+    expert: int = 0
+
+    @property
+    def transposed(self) -> bool:
+        return bool(getattr(self.module, "is_transposed", False))
+
+    @property
+    def stored(self) -> torch.Tensor:
+        return getattr(self.module, self.param).data[self.expert]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.stored
+        return w.t() if self.transposed else w
+
+    @property
+    def numel(self) -> int:
+        return self.stored.numel()
+
+    def swap_weight(self, new: torch.Tensor) -> torch.Tensor:
+        raise TypeError("an expert's matrix is a slice of its module's tensor; swap it with swap_weights()")
+
+
+def swap_weights(refs: list[LinearRef], weights: dict[str, torch.Tensor]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Give each layer of ``refs`` the (out, in) matrix ``weights[ref.name]`` as storage of its own, without
+    writing into the current tensors; returns what :func:`restore_weights` puts back. The experts of one 3-D
+    parameter share one new tensor, built once (every expert of it must be in ``refs``)."""
+    swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
+    fused: dict[tuple[int, str], list[ExpertRef]] = {}
+    for ref in refs:
+        if isinstance(ref, ExpertRef):
+            fused.setdefault((id(ref.module), ref.param), []).append(ref)
+        else:
+            swapped.append((ref.module.weight, ref.swap_weight(weights[ref.name])))
+    for experts in fused.values():
+        param = getattr(experts[0].module, experts[0].param)
+        old = param.data
+        if len(experts) != old.shape[0]:
+            raise ValueError(f"swap_weights needs every expert of {experts[0].param}, got {len(experts)}")
+        new = torch.empty_like(old)
+        for ref in experts:
+            w = weights[ref.name].to(old.dtype).to(old.device, non_blocking=True)
+            new[ref.expert].copy_(w.t() if ref.transposed else w)
+        param.data = new
+        swapped.append((param, old))
+    return swapped
+
+
+def restore_weights(swapped: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    for param, old in swapped:
+        param.data = old
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """A module holding its experts' weights as 3-D tensors with transformers' experts interface (its
+    ``forward(hidden_states, top_k_index, top_k_weights)``, ``is_transposed``, ``has_gate``, ``has_bias``)."""
+    params = module._parameters
+    down = params.get("down_proj")
+    up = params.get("gate_up_proj" if getattr(module, "has_gate", True) else "up_proj")
+    return (down is not None and down.ndim == 3 and up is not None and up.ndim == 3
+            and all(hasattr(module, a) for a in ("is_transposed", "has_gate", "has_bias")))
+
 
 def declared_num_layers(config) -> int | None:
     """``num_hidden_layers`` of a (possibly multimodal) config; None if it does not say."""
@@ -97,6 +179,7 @@ class ModelAdapter:
             )
         self.model = model
         self.blocks_name, self.blocks = self._find_blocks(model, declared_num_layers(config))
+        self._layers: dict[int, list[LinearRef]] = {}
 
     @staticmethod
     def _find_blocks(model: nn.Module, expected: int | None) -> tuple[str, nn.ModuleList]:
@@ -133,13 +216,35 @@ class ModelAdapter:
         return self.model.base_model
 
     def linear_layers(self, index: int) -> list[LinearRef]:
+        """The prunable layers of block ``index`` in module order: its linear modules, except the routers of
+        mixture-of-experts blocks, and every expert's matrices. (Found once per block: the refs read their
+        weights through the modules, so they stay valid when tensors move or are swapped.)"""
+        if index not in self._layers:
+            self._layers[index] = self._find_layers(index)
+        return list(self._layers[index])
+
+    def _find_layers(self, index: int) -> list[LinearRef]:
         block = self.blocks[index]
         prefix = f"{self.blocks_name}.{index}"
-        return [
-            LinearRef(f"{prefix}.{name}", name, index, module)
-            for name, module in block.named_modules()
-            if isinstance(module, LINEAR_TYPES)
-        ]
+        experts = {name: module for name, module in block.named_modules() if is_fused_experts(module)}
+        _refuse_unknown_tensors(block, experts, index)
+        routers = _routers(block, experts)
+        refs: list[LinearRef] = []
+        for name, module in block.named_modules():
+            if isinstance(module, LINEAR_TYPES) and name not in routers:
+                refs.append(LinearRef(f"{prefix}.{name}", name, index, module))
+            elif name in experts:
+                params = [p for p in EXPERT_PARAMS if module._parameters.get(p) is not None]
+                for e in range(module._parameters["down_proj"].shape[0]):
+                    refs += [ExpertRef(f"{prefix}.{name}.{e}.{p}", f"{name}.{e}.{p}", index, module, p, e)
+                             for p in params]
+        return refs
+
+    def routers(self, index: int) -> list[str]:
+        """Qualified names of block ``index``'s router layers (kept dense, not counted as prunable)."""
+        block = self.blocks[index]
+        experts = {name: module for name, module in block.named_modules() if is_fused_experts(module)}
+        return sorted(f"{self.blocks_name}.{index}.{name}" for name in _routers(block, experts))
 
     def all_linear_layers(self) -> list[LinearRef]:
         return [ref for i in range(self.num_blocks) for ref in self.linear_layers(i)]
@@ -150,6 +255,34 @@ class ModelAdapter:
 
     def input_device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
+
+
+def _routers(block: nn.Module, experts: dict[str, nn.Module]) -> set[str]:
+    """Linear modules that route tokens to experts: beside an experts module (under the same parent, not
+    inside it) with one output per expert (a router) or a single output (a shared expert's gate). Pruning
+    them changes which experts run, not what they compute; every MoE pruning recipe keeps them dense."""
+    found = set()
+    for path, module in experts.items():
+        parent = path.rpartition(".")[0]
+        count = module._parameters["down_proj"].shape[0]
+        for name, sub in block.named_modules():
+            inside_parent = not parent or name.startswith(parent + ".")
+            if (isinstance(sub, LINEAR_TYPES) and inside_parent and not name.startswith(path + ".")
+                    and sub.weight.shape[0 if isinstance(sub, nn.Linear) else 1] in (count, 1)):
+                found.add(name)
+    return found
+
+
+def _refuse_unknown_tensors(block: nn.Module, experts: dict[str, nn.Module], index: int) -> None:
+    """Weights stored in 3-D tensors that are not a known experts module would silently stay dense."""
+    for name, module in block.named_modules():
+        if name in experts:
+            continue
+        for key, param in module._parameters.items():
+            if param is not None and param.ndim >= 3:
+                raise UnsupportedModelError(
+                    f"block {index} stores weights in a {param.ndim}-D tensor ({name}.{key}) that is not an experts "
+                    "module with transformers' experts interface; mrprune cannot prune it")
 
 
 #: model_type -> adapter class for families that need more than the generic adapter

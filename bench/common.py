@@ -28,18 +28,23 @@ def add_llama_shape(parser) -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads; 70B: 8)")
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--experts", type=int, default=0,
+                        help="experts per block: a Mixtral-shaped mixture of experts, --mlp per expert (0: dense)")
+    parser.add_argument("--top-k", type=int, default=2, help="experts each token is routed to (with --experts)")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048)
 
 
 def llama_shape_config(args):
-    """The transformers config of the shape :func:`add_llama_shape` reads."""
-    from transformers import LlamaConfig
+    """The transformers config of the shape :func:`add_llama_shape` reads (Mixtral's with ``--experts``)."""
+    from transformers import LlamaConfig, MixtralConfig
 
-    return LlamaConfig(hidden_size=args.hidden, intermediate_size=args.mlp, num_hidden_layers=args.layers,
-                       num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads,
-                       vocab_size=args.vocab,
-                       max_position_embeddings=max(4096, args.seqlen))
+    shape = {"hidden_size": args.hidden, "intermediate_size": args.mlp, "num_hidden_layers": args.layers,
+             "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads or args.heads,
+             "vocab_size": args.vocab, "max_position_embeddings": max(4096, args.seqlen)}
+    if getattr(args, "experts", 0):
+        return MixtralConfig(num_local_experts=args.experts, num_experts_per_tok=args.top_k, **shape)
+    return LlamaConfig(**shape)
 
 
 def c4_split(directory: Path, c4: Path = C4) -> tuple[Path, Path]:

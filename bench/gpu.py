@@ -39,12 +39,12 @@ GIB = 2**30
 
 
 def build_model(args) -> torch.nn.Module:
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     config = llama_shape_config(args)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     return model.eval()
 
 
@@ -278,7 +278,8 @@ def main() -> None:
 def environment(args) -> dict:
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
            "shape": f"{args.layers} blocks, hidden {args.hidden}, mlp {args.mlp}, heads {args.heads} "
-                    f"(kv {args.kv_heads or args.heads}), vocab {args.vocab}, bf16",
+                    f"(kv {args.kv_heads or args.heads}), vocab {args.vocab}, bf16"
+                    + (f", {args.experts} experts, top {args.top_k}" if args.experts else ""),
            "calibration": f"{args.nsamples} x {args.seqlen}", "batch_size": args.batch_size}
     try:
         import transformers

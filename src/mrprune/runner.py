@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import BlockCall, StatsCollector, capture_block_inputs, record_block_calls, run_block
 from .checkpoint import Checkpoint
-from .metrics.base import LayerStats, PruningMetric
+from .metrics.base import UNSEEN_NOTE, LayerStats, PruningMetric
 from .metrics.pattern import SparsityPattern
 from .models.adapter import LinearRef, ModelAdapter, check_context, restore_weights, swap_weights
 from .numerics import check_pruned_weight, check_stats, require_finite_activations
@@ -230,6 +230,11 @@ class SequentialPruner:
                     LayerRecord(ref.name, ref.block, tuple(ref.weight.shape), targets[ref.name], zeros, ref.numel,
                                 list(layer_stats.notes[known_notes:]))
                 )
+        unseen = [record for record in records if UNSEEN_NOTE in record.notes]
+        if unseen:
+            log.warning("block %s: %d of %d layers (experts) got no calibration token and were pruned by magnitude; "
+                        "more --nsamples reach more experts", ",".join(str(b) for b in sorted({r.block for r in unseen})),
+                        len(unseen), len(records))
         return records
 
     def prune_block(self, acts: Activations, targets: dict[str, float]) -> list[LayerRecord]:

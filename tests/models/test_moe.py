@@ -131,7 +131,7 @@ def test_statistics_follow_the_routing():
         torch.testing.assert_close(torch.diag(s.hessian), s.sq_norm)  # the same tokens feed both statistics
 
 
-def test_an_expert_no_token_reaches_is_pruned_by_magnitude():
+def test_an_expert_no_token_reaches_is_pruned_by_magnitude(caplog):
     model = tiny_model("gpt_oss")
     for block in model.model.layers:
         block.mlp.router.bias.data[3] = -1e4  # the router never chooses expert 3
@@ -145,7 +145,9 @@ def test_an_expert_no_token_reaches_is_pruned_by_magnitude():
                                   batch_size=2, progress=False)
         acts = runner.capture(ids)
         dense = {r.name: r.weight.clone() for r in adapter.linear_layers(0)}
-        records = runner.prune_block(acts, {r.name: 0.5 for r in adapter.all_linear_layers()})
+        with caplog.at_level("WARNING", logger="mrprune.runner"):
+            records = runner.prune_block(acts, {r.name: 0.5 for r in adapter.all_linear_layers()})
+        assert "block 0: 2 of 12 layers (experts) got no calibration token" in caplog.text
         by_name = {rec.name: rec for rec in records}
         for ref in adapter.linear_layers(0):
             record = by_name[ref.name]

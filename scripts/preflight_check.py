@@ -6,6 +6,7 @@ the measured peak from the moment of the preflight: on CUDA ``torch.cuda.max_mem
 caching allocator took from the device) and ``max_memory_allocated``.
 
     python scripts/preflight_check.py --hidden 2048 --intermediate 5632 --layers 8 --nsamples 64 --seqlen 2048
+    python scripts/preflight_check.py --hidden 2048 --intermediate 5632 --layers 4 --experts 8   # a mixture of experts
 """
 
 from __future__ import annotations
@@ -33,16 +34,20 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--experts", type=int, default=0, help="a Mixtral-shaped MoE, --intermediate per expert")
+    parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--settings", default="wanda,sparsegpt,wanda+offload,wanda+offload_activations,mrp-fast")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
-    config = transformers.LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
-                                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                                      num_key_value_heads=args.heads // 4 or 1, vocab_size=4096,
-                                      max_position_embeddings=max(4096, args.seqlen), bos_token_id=1,
-                                      eos_token_id=2)
+    shape = {"hidden_size": args.hidden, "intermediate_size": args.intermediate, "num_hidden_layers": args.layers,
+             "num_attention_heads": args.heads, "num_key_value_heads": args.heads // 4 or 1, "vocab_size": 4096,
+             "max_position_embeddings": max(4096, args.seqlen), "bos_token_id": 1, "eos_token_id": 2}
+    if args.experts:
+        config = transformers.MixtralConfig(num_local_experts=args.experts, num_experts_per_tok=args.top_k, **shape)
+    else:
+        config = transformers.LlamaConfig(**shape)
     folder = Path(tempfile.mkdtemp(prefix="preflight-check-"))
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32

@@ -47,7 +47,7 @@ FAMILIES = {
     "gpt_neox": lambda: transformers.GPTNeoXConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
         max_position_embeddings=128),
-    # mixtures of experts (experts in 3-D tensors): a router module, a router Linear with one output per expert
+    # mixtures of experts (experts in 3-D tensors, transformers' experts interface): a router module, a router Linear with one output per expert
     # (PhiMoE), a shared expert with a one-output gate Linear (Qwen2-MoE), transposed experts with biases and an
     # interleaved, clamped gate (GPT-OSS)
     "mixtral": lambda: transformers.MixtralConfig(
@@ -59,6 +59,10 @@ FAMILIES = {
     "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
         hidden_size=64, intermediate_size=128, moe_intermediate_size=48, shared_expert_intermediate_size=80,
         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2),
+    # Llama-4 runs every expert on every token, pre-scaled by the router's score (top-1 routing)
+    "llama4": lambda: transformers.Llama4TextConfig(
+        hidden_size=64, intermediate_size=96, intermediate_size_mlp=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1),
     "gpt_oss": lambda: transformers.GptOssConfig(
         hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,

@@ -10,7 +10,6 @@ windows by a pre-hook that stops the forward there.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import pairwise
@@ -20,6 +19,7 @@ from torch import nn
 
 from .metrics.base import LayerStats
 from .models.adapter import ExpertRef, LinearRef, ModelAdapter
+from .models.experts import experts_kind
 from .runtime import move_tree
 
 #: keyword arguments through which a parent passes a KV cache; calibration never uses one
@@ -205,31 +205,10 @@ def mirror_gram(hessian: torch.Tensor, parts: int | None = None) -> None:
 def routed_inputs(experts: nn.Module, args: tuple, kwargs: dict, hidden_inputs: bool = True
                   ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
     """(expert, its input, the input of its down projection) for every expert a call of a fused experts module
-    routes tokens to; the second input only with ``hidden_inputs``.
-
-    The call's own arguments (hidden states, each token's chosen experts) give the tokens each expert sees; the
-    down projection's input is recomputed from the expert's weights with the module's own gate (``_apply_gate``,
-    e.g. GPT-OSS's clamped SwiGLU) or activation, as transformers' experts implementations compute it.
-    """
-    bound = inspect.signature(experts.forward).bind(*args, **kwargs)
-    hidden, chosen = list(bound.arguments.values())[:2]
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    chosen = chosen.reshape(hidden.shape[0], -1)
-    count = experts.down_proj.shape[0]
-    gated = experts.has_gate
-    up_name = "gate_up_proj" if gated else "up_proj"
-    for expert in torch.unique(chosen).tolist():
-        if not 0 <= expert < count:  # expert-parallel sentinels
-            continue
-        x = hidden[(chosen == expert).any(dim=-1)]
-        if not hidden_inputs:
-            yield expert, x, None
-            continue
-        w = getattr(experts, up_name)[expert]
-        up = x @ w if experts.is_transposed else nn.functional.linear(x, w)
-        if experts.has_bias:
-            up = up + getattr(experts, f"{up_name}_bias")[expert]
-        yield expert, x, experts._apply_gate(up) if gated else experts.act_fn(up)
+    routes tokens to; the second input only with ``hidden_inputs``. The call's own arguments give the tokens;
+    the down projection's input is recomputed from the expert's weights with the module's own gate or
+    activation (e.g. GPT-OSS's clamped SwiGLU), as the module's convention (:mod:`.models.experts`) says."""
+    return experts_kind(experts).routed_inputs(experts, args, kwargs, hidden_inputs)
 
 
 class StatsCollector:

@@ -18,9 +18,10 @@ from mrprune.models.adapter import ExpertRef, restore_weights, swap_weights
 from mrprune.runner import SequentialPruner
 from tests.conftest import VOCAB, tiny_model
 
-MOE = ["gpt_oss", "mixtral", "phimoe", "qwen2_moe"]
+MOE = ["gpt_oss", "llama4", "mixtral", "phimoe", "qwen2_moe"]
 #: the routers each family exposes as linear modules (most have a router module of their own)
 ROUTERS = {"gpt_oss": [], "mixtral": [], "phimoe": ["mlp.router"], "qwen2_moe": ["mlp.shared_expert_gate"],
+           "llama4": ["feed_forward.router"],
            "hunyuan_v1_moe": ["mlp.gate.wg"]}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,6 +55,18 @@ def test_routed_inputs_rebuild_the_experts_output(family):
     experts = experts_module(model)
     ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
     args, kwargs, output = first_call(experts, model, ids)
+    if family == "llama4":  # every expert on every token, inputs pre-scaled by the router (zero: not chosen)
+        count, width = experts.down_proj.shape[0], output.shape[-1]
+        inputs, outputs = args[0].view(count, -1, width), output.view(count, -1, width)
+        seen = []
+        for expert, x, mid in routed_inputs(experts, args, kwargs):
+            seen.append(expert)
+            rows = inputs[expert].abs().amax(dim=-1) != 0
+            assert torch.equal(x, inputs[expert][rows])
+            torch.testing.assert_close(mid @ experts.down_proj[expert], outputs[expert][rows], rtol=1e-5, atol=1e-6)
+            assert int(outputs[expert][~rows].count_nonzero()) == 0
+        assert seen == [e for e in range(count) if bool(inputs[e].any())] and len(seen) > 1
+        return
     bound = dict(zip(["hidden", "chosen", "weights"], list(args) + list(kwargs.values())))
     hidden = bound["hidden"].reshape(-1, bound["hidden"].shape[-1])
     chosen, weights = bound["chosen"].reshape(hidden.shape[0], -1), bound["weights"].reshape(hidden.shape[0], -1)
@@ -97,7 +110,8 @@ def test_every_expert_matrix_is_a_layer_and_routers_stay_out(family):
         assert ref.stored.data_ptr() == stored.data_ptr()  # a view: writes reach the model
         assert ref.weight.shape == (ref.out_features, ref.in_features) and ref.numel == stored.numel()
     down = next(r for r in expert_refs if r.param == "down_proj")
-    assert down.in_features == experts.down_proj.shape[1 if experts.is_transposed else 2]
+    assert down.in_features == experts.down_proj.shape[1 if down.transposed else 2]
+    assert down.transposed == (family in ("gpt_oss", "llama4"))
     assert adapter.routers(1) == [f"model.layers.1.{name}" for name in ROUTERS[family]]
     assert not {r.name for r in refs} & set(adapter.routers(1))
     # every weight matrix of the block is a prunable layer or belongs to a router (a Linear or a router module)
@@ -224,10 +238,11 @@ def test_moe_model_prunes_exports_and_reloads(tiny_dir, tmp_path, allocation, me
         assert torch.equal(b_pruned.mlp.gate.weight, b_dense.mlp.gate.weight)
 
 
-def test_moe_pruning_on_every_device_matches_the_records(tiny_dir, tmp_path, device):
+@pytest.mark.parametrize("family", ["qwen2_moe", "llama4"])
+def test_moe_pruning_on_every_device_matches_the_records(tiny_dir, tmp_path, device, family):
     """On a GPU the blocks are offloaded (moved in and out one at a time); the exported experts hold exactly
-    the zeros the report counts."""
-    model_dir = tiny_dir("qwen2_moe")
+    the zeros the report counts, and the routers none."""
+    model_dir = tiny_dir(family)
     out = tmp_path / "pruned"
     outcome = prune(config=moe_job(model_dir, out, metric="sparsegpt", **{
         "runtime.device": device.type, "runtime.offload": device.type == "cuda"}), progress=False)
@@ -241,8 +256,8 @@ def test_moe_pruning_on_every_device_matches_the_records(tiny_dir, tmp_path, dev
         else:
             weight = reloaded.get_submodule(layer["name"]).weight
         assert int((weight == 0).sum()) == layer["zeros"]
-    assert all(float((reloaded.get_submodule(name).weight == 0).float().mean()) == 0.0
-               for name in ["model.layers.0.mlp.shared_expert_gate", "model.layers.2.mlp.shared_expert_gate"])
+    routers = [f"model.layers.{i}.{name}" for i in (0, 2) for name in ROUTERS[family]]
+    assert routers and all(int((reloaded.get_submodule(name).weight == 0).sum()) == 0 for name in routers)
 
 
 def test_moe_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path, monkeypatch):

@@ -3,9 +3,8 @@
 The generic adapter finds the decoder block list (the ModuleList of ``num_hidden_layers`` identical blocks)
 and the linear sub-layers of each block (``nn.Linear`` and GPT-2's transposed ``Conv1D``), so Llama, Mistral,
 Qwen2/3, Gemma3, OPT, GPT-2, Phi-3 and GPT-NeoX need no code of their own. Mixture-of-experts blocks store
-their experts as 3-D tensors (transformers' experts interface: ``gate_up_proj``/``up_proj`` and ``down_proj``,
-one matrix per expert); each expert's matrix is a layer of its own (:class:`ExpertRef`), and the routers that
-choose the experts stay dense. A family that needs more registers a subclass in ``ADAPTERS`` under its
+their experts as 3-D tensors, one matrix per expert (conventions: ``experts.py``); each expert's matrix is a
+layer of its own (:class:`ExpertRef`), and the routers that choose the experts stay dense. A family that needs more registers a subclass in ``ADAPTERS`` under its
 ``model_type``. Everything else in mrprune reaches the model through here.
 """
 
@@ -21,6 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError, UnsupportedModelError
+from .experts import ExpertsKind, experts_kind
 
 log = logging.getLogger(__name__)
 
@@ -79,22 +79,19 @@ class LinearRef:
         return self.module.weight.data
 
 
-#: the 3-D parameters of a fused experts module, one (out, in) matrix per expert (transformers' experts interface)
-EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
-
-
 @dataclass
 class ExpertRef(LinearRef):
     """One expert's matrix inside a fused experts module's 3-D parameter ``param`` (experts x out x in, or
-    experts x in x out when the module says ``is_transposed``). Named ``...experts.<expert>.<param>``, the way
+    experts x in x out when its ``kind`` says the module stores them transposed). Named ``...experts.<expert>.<param>``, the way
     per-expert modules are named, so that layers fed the same input group by their parent's name."""
 
     param: str = "down_proj"
     expert: int = 0
+    kind: ExpertsKind | None = None
 
     @property
     def transposed(self) -> bool:
-        return bool(getattr(self.module, "is_transposed", False))
+        return self.kind.transposed(self.module)
 
     @property
     def stored(self) -> torch.Tensor:
@@ -141,16 +138,6 @@ def swap_weights(refs: list[LinearRef], weights: dict[str, torch.Tensor]) -> lis
 def restore_weights(swapped: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
     for param, old in swapped:
         param.data = old
-
-
-def is_fused_experts(module: nn.Module) -> bool:
-    """A module holding its experts' weights as 3-D tensors with transformers' experts interface (its
-    ``forward(hidden_states, top_k_index, top_k_weights)``, ``is_transposed``, ``has_gate``, ``has_bias``)."""
-    params = module._parameters
-    down = params.get("down_proj")
-    up = params.get("gate_up_proj" if getattr(module, "has_gate", True) else "up_proj")
-    return (down is not None and down.ndim == 3 and up is not None and up.ndim == 3
-            and all(hasattr(module, a) for a in ("is_transposed", "has_gate", "has_bias")))
 
 
 def declared_num_layers(config) -> int | None:
@@ -226,7 +213,7 @@ class ModelAdapter:
     def _find_layers(self, index: int) -> list[LinearRef]:
         block = self.blocks[index]
         prefix = f"{self.blocks_name}.{index}"
-        experts = {name: module for name, module in block.named_modules() if is_fused_experts(module)}
+        experts = _experts_modules(block)
         _refuse_unknown_tensors(block, experts, index)
         routers = _routers(block, experts)
         refs: list[LinearRef] = []
@@ -234,16 +221,16 @@ class ModelAdapter:
             if isinstance(module, LINEAR_TYPES) and name not in routers:
                 refs.append(LinearRef(f"{prefix}.{name}", name, index, module))
             elif name in experts:
-                params = [p for p in EXPERT_PARAMS if module._parameters.get(p) is not None]
+                kind = experts_kind(module)
                 for e in range(module._parameters["down_proj"].shape[0]):
-                    refs += [ExpertRef(f"{prefix}.{name}.{e}.{p}", f"{name}.{e}.{p}", index, module, p, e)
-                             for p in params]
+                    refs += [ExpertRef(f"{prefix}.{name}.{e}.{p}", f"{name}.{e}.{p}", index, module, p, e, kind)
+                             for p in kind.params(module)]
         return refs
 
     def routers(self, index: int) -> list[str]:
         """Qualified names of block ``index``'s router layers (kept dense, not counted as prunable)."""
         block = self.blocks[index]
-        experts = {name: module for name, module in block.named_modules() if is_fused_experts(module)}
+        experts = _experts_modules(block)
         return sorted(f"{self.blocks_name}.{index}.{name}" for name in _routers(block, experts))
 
     def all_linear_layers(self) -> list[LinearRef]:
@@ -255,6 +242,10 @@ class ModelAdapter:
 
     def input_device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
+
+
+def _experts_modules(block: nn.Module) -> dict[str, nn.Module]:
+    return {name: module for name, module in block.named_modules() if experts_kind(module) is not None}
 
 
 def _routers(block: nn.Module, experts: dict[str, nn.Module]) -> set[str]:
@@ -281,8 +272,8 @@ def _refuse_unknown_tensors(block: nn.Module, experts: dict[str, nn.Module], ind
         for key, param in module._parameters.items():
             if param is not None and param.ndim >= 3:
                 raise UnsupportedModelError(
-                    f"block {index} stores weights in a {param.ndim}-D tensor ({name}.{key}) that is not an experts "
-                    "module with transformers' experts interface; mrprune cannot prune it")
+                    f"block {index} stores weights in a {param.ndim}-D tensor ({name}.{key}) of a layout mrprune does "
+                    "not know (not transformers' experts interface nor Llama-4's experts); it cannot prune it")
 
 
 #: model_type -> adapter class for families that need more than the generic adapter

@@ -146,6 +146,8 @@ def _run_plan(config: PruneConfig, device: torch.device, metric, needs_calibrati
         eval_windows=config.evaluation.max_windows, zeroshot=bool(config.evaluation.tasks), resident=resident,
         checkpoint=bool(r.checkpoint_dir),
         mrp_dense=_keeps_dense_copy(config),
+        block_swaps=_keeps_dense_copy(config) or (config.allocation.method == "mrp-fast"
+                                                   and config.allocation.mrp.pilot != "dense"),
         spill=r.offload_dir is not None and not on_ram(r.offload_dir), mapped=mapped,
     )
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from .errors import ResourceError
 from .evaluate.blockwise import CHUNK_BYTES
-from .models.adapter import ModelAdapter
+from .models.adapter import ExpertRef, ModelAdapter
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class ModelShape:
     num_blocks: int
     dtype_size: int
     eager_attention: bool = True  # attention scores materialised (eager); SDPA/flash kernels keep them tiled
+    expert_bytes: int = 0  # the fused experts tensors of the largest block (swapping them in builds a new tensor)
 
     @classmethod
     def from_model(cls, model: nn.Module, adapter: ModelAdapter, dtype: torch.dtype | None = None) -> ModelShape:
@@ -106,6 +107,8 @@ class ModelShape:
             parent = ref.short_name.rpartition(".")[0]
             groups[(parent, ref.in_features)] = ref.in_features
         largest = max(refs, key=lambda r: r.numel)
+        fused = {(id(r.module), r.param): getattr(r.module, r.param)
+                 for r in adapter.linear_layers(largest_block) if isinstance(r, ExpertRef)}
         hidden = int(getattr(text, "hidden_size", 0) or adapter.linear_layers(0)[0].in_features)
         dtype_size = torch.empty((), dtype=dtype).element_size() if dtype else next(model.parameters()).element_size()
         return cls(
@@ -122,6 +125,7 @@ class ModelShape:
             num_blocks=adapter.num_blocks,
             dtype_size=dtype_size,
             eager_attention=getattr(model.config, "_attn_implementation", "eager") in (None, "eager"),
+            expert_bytes=sum(size(t) for t in fused.values()),
         )
 
 
@@ -144,6 +148,7 @@ class RunPlan:
     resident: str | None = None  # where loaded weights are now ('host' or 'device'; counted as used), None: to load
     checkpoint: bool = False  # --checkpoint-dir: activations are copied to the host to be saved
     mrp_dense: bool = False  # exact MRP (dense-block): a host copy of every block's dense weights
+    block_swaps: bool = False  # MRP runs a block with other weights swapped in (exact: dense, fast: its pilot's)
     spill: bool = False  # --offload-dir: pruned blocks and MRP's dense copy live in files, not in RAM
     mapped: bool = False  # loading maps the weights from safetensors files (no copy in process memory)
 
@@ -247,6 +252,8 @@ def estimate(shape: ModelShape, plan: RunPlan, free: dict[str, int | None] | Non
         if store != compute:
             turn["micro-batch"] = 2 * rows * plan.seqlen * shape.hidden * shape.dtype_size
         turn["statistics"] = kept
+        if plan.block_swaps:  # the other weights of one block on the device, and fused experts stacked anew
+            turn["MRP swapped block weights"] = shape.block_bytes + shape.expert_bytes
         turn["block forward"] = max(forward_bytes(shape, plan, rows, plan.seqlen) + accumulating,
                                     pruning_bytes(shape, plan))
         if plan.checkpoint and cuda and store == "device":

@@ -187,8 +187,9 @@ class FastMrpRun:
                     pilot_weights = {}
                     for ref in layers:
                         weight = ref.weight.to(torch.float32)
-                        pilot_weights[ref.name] = metric.prune(weight, stats[ref.name], sparsities[unit_of[ref.name]],
-                                                               pruner.pattern, forced=weight == 0).weight
+                        pilot_weights[ref.name] = metric.prune(  # in the model's dtype: one block copy
+                            weight, stats[ref.name], sparsities[unit_of[ref.name]], pruner.pattern,
+                            forced=weight == 0).weight.to(ref.weight.dtype)
                 del stats
                 with pruner.weights_of(block, pilot_weights):
                     pruner.advance(acts, phase="pilot")

@@ -280,3 +280,24 @@ def test_moe_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path, monkeypatch
     resumed = prune(config=moe_job(model_dir, tmp_path / "out", **ckpt, **{"runtime.resume": True}), progress=False)
     assert file_digest(tmp_path / "out" / "model.safetensors") == file_digest(tmp_path / "ref" / "model.safetensors")
     assert resumed.report.layers == reference.report.layers
+
+
+@pytest.mark.parametrize("overrides", [{"runtime.offload_dir": "scratch"}, {"pattern": "2:4"}],
+                         ids=["offload-dir", "2:4"])
+def test_moe_with_an_offload_dir_is_bit_for_bit_and_n_m_holds_in_every_expert(tiny_dir, tmp_path, overrides):
+    model_dir = tiny_dir("mixtral")
+    if "runtime.offload_dir" in overrides:
+        overrides = {"runtime.offload_dir": str(tmp_path / "scratch")}
+        (tmp_path / "scratch").mkdir()
+    else:
+        overrides = {**overrides, "sparsity": None}
+    run = prune(config=moe_job(model_dir, tmp_path / "out", metric="sparsegpt", **overrides), progress=False)
+    if "pattern" not in overrides:
+        plain = prune(config=moe_job(model_dir, tmp_path / "plain", metric="sparsegpt"), progress=False)
+        assert file_digest(tmp_path / "out" / "model.safetensors") == \
+            file_digest(tmp_path / "plain" / "model.safetensors")
+        assert run.report.layers == plain.report.layers
+        return
+    for ref in get_adapter(run.model).all_linear_layers():  # 2 zeros in every group of 4 inputs of every row
+        groups = (ref.weight == 0).reshape(ref.out_features, -1, 4).sum(dim=-1)
+        assert bool((groups == 2).all()), ref.name

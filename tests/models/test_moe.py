@@ -233,6 +233,13 @@ def test_moe_model_prunes_exports_and_reloads(tiny_dir, tmp_path, allocation, me
                        for b in layers)
     recorded = sum(layer["zeros"] for layer in outcome.report.layers if ".experts." in layer["name"])
     assert expert_zeros == recorded > 0
+    # on disk transformers writes the checkpoint layout (Mixtral: per-expert w1/w2/w3, as vLLM and older
+    # transformers read it), and the zeros are there
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as tensors:
+        on_disk = {k: int((tensors.get_tensor(k) == 0).sum()) for k in tensors.keys() if ".experts." in k}
+    assert any(k.endswith("experts.0.w1.weight") for k in on_disk) and sum(on_disk.values()) == recorded
     dense = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     for b_pruned, b_dense in zip(layers, dense.model.layers):  # the router is untouched
         assert torch.equal(b_pruned.mlp.gate.weight, b_dense.mlp.gate.weight)

@@ -16,8 +16,8 @@ import mrprune.preflight as pf
 from mrprune import PruneConfig, prune
 from mrprune.config import merge
 from mrprune.errors import ResourceError
-from mrprune.models import get_adapter
 from mrprune.metrics import build_metric
+from mrprune.models import get_adapter
 from tests.conftest import tiny_model
 
 GIB = 2**30

@@ -10,7 +10,6 @@ windows by a pre-hook that stops the forward there.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -19,7 +18,7 @@ from torch import nn
 
 from .metrics.base import LayerStats
 from .models.adapter import ExpertRef, LinearRef, ModelAdapter
-from .models.experts import experts_kind
+from .models.experts import Routed, experts_kind
 from .runtime import move_tree
 
 #: keyword arguments through which a parent passes a KV cache; calibration never uses one
@@ -202,8 +201,7 @@ def mirror_gram(hessian: torch.Tensor, parts: int | None = None) -> None:
             hessian[cols, rows] = hessian[rows, cols].t()
 
 
-def routed_inputs(experts: nn.Module, args: tuple, kwargs: dict, hidden_inputs: bool = True
-                  ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+def routed_inputs(experts: nn.Module, args: tuple, kwargs: dict, hidden_inputs: bool = True) -> Routed:
     """(expert, its input, the input of its down projection) for every expert a call of a fused experts module
     routes tokens to; the second input only with ``hidden_inputs``. The call's own arguments give the tokens;
     the down projection's input is recomputed from the expert's weights with the module's own gate or

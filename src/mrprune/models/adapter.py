@@ -4,8 +4,9 @@ The generic adapter finds the decoder block list (the ModuleList of ``num_hidden
 and the linear sub-layers of each block (``nn.Linear`` and GPT-2's transposed ``Conv1D``), so Llama, Mistral,
 Qwen2/3, Gemma3, OPT, GPT-2, Phi-3 and GPT-NeoX need no code of their own. Mixture-of-experts blocks store
 their experts as 3-D tensors, one matrix per expert (conventions: ``experts.py``); each expert's matrix is a
-layer of its own (:class:`ExpertRef`), and the routers that choose the experts stay dense. A family that needs more registers a subclass in ``ADAPTERS`` under its
-``model_type``. Everything else in mrprune reaches the model through here.
+layer of its own (:class:`ExpertRef`), and the routers that choose the experts stay dense. A family that needs
+more registers a subclass in ``ADAPTERS`` under its ``model_type``. Everything else in mrprune reaches the
+model through here.
 """
 
 from __future__ import annotations
@@ -82,8 +83,9 @@ class LinearRef:
 @dataclass
 class ExpertRef(LinearRef):
     """One expert's matrix inside a fused experts module's 3-D parameter ``param`` (experts x out x in, or
-    experts x in x out when its ``kind`` says the module stores them transposed). Named ``...experts.<expert>.<param>``, the way
-    per-expert modules are named, so that layers fed the same input group by their parent's name."""
+    experts x in x out when its ``kind`` says the module stores them transposed). Named
+    ``...experts.<expert>.<param>``, the way per-expert modules are named, so that layers fed the same input
+    group by their parent's name. (``kind`` has a default only because the fields before it do.)"""
 
     param: str = "down_proj"
     expert: int = 0

@@ -11,6 +11,7 @@ an experts module here (and the adapter refuses blocks with 3-D weights it canno
 from __future__ import annotations
 
 import inspect
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
 import torch
@@ -20,24 +21,24 @@ from torch import nn
 Routed = Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]
 
 
-class ExpertsKind:
+class ExpertsKind(ABC):
     """One storage and routing convention of fused experts."""
 
-    def matches(self, module: nn.Module) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def matches(self, module: nn.Module) -> bool: ...
 
+    @abstractmethod
     def transposed(self, module: nn.Module) -> bool:
         """Matrices stored (in, out) rather than (out, in)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def params(self, module: nn.Module) -> list[str]:
-        """The 3-D parameters holding one matrix per expert, input side first."""
-        raise NotImplementedError
+        """The 3-D parameters holding one matrix per expert, input side first, ``down_proj`` last."""
 
+    @abstractmethod
     def routed_inputs(self, module: nn.Module, args: tuple, kwargs: dict, hidden_inputs: bool) -> Routed:
         """For every expert a call routes tokens to: the tokens it computes on and, with ``hidden_inputs``, the
         input of its down projection recomputed from its weights as the module computes it."""
-        raise NotImplementedError
 
 
 def _has_3d(module: nn.Module, *names: str) -> bool:

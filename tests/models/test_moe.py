@@ -190,11 +190,26 @@ def test_swapped_expert_weights_run_and_come_back():
         swap_weights([r for r in refs if isinstance(r, ExpertRef)][:1], zeros)
 
 
-def test_unknown_3d_weights_are_refused():
+def test_unknown_stacks_of_matrices_are_refused_small_ones_warned_convolutions_accepted(caplog):
     model = tiny_model("llama")
-    model.model.layers[0].mlp.extra = torch.nn.Parameter(torch.zeros(2, 3, 4))
-    with pytest.raises(UnsupportedModelError, match=r"3-D tensor \(mlp.extra\)"):
+    model.model.layers[0].mlp.extra = torch.nn.Parameter(torch.zeros(8, 64, 64))  # 32k weights: most of the block
+    with pytest.raises(UnsupportedModelError, match=r"block 0 stores \d+% of its weights in 3-D tensors \(mlp.extra\)"):
         get_adapter(model).linear_layers(0)
+    model.model.layers[0].mlp.extra = torch.nn.Parameter(torch.zeros(2, 3, 4))  # a small stack: left dense, said
+    with caplog.at_level("WARNING", logger="mrprune.models.adapter"):
+        refs = get_adapter(model).linear_layers(0)
+    assert len(refs) == 7 and "mlp.extra: 0.1% of each block's weights" in caplog.text
+    # a linear-attention block (Qwen3-Next) holds a conv1d kernel: not a stack of matrices, no refusal
+    config = transformers.Qwen3NextConfig(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=48, shared_expert_intermediate_size=48,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+        num_experts_per_tok=2, vocab_size=VOCAB, linear_num_value_heads=4, linear_num_key_heads=2)
+    with torch.device("meta"):
+        qwen = transformers.AutoModelForCausalLM.from_config(config)
+    adapter = get_adapter(qwen)
+    names = [r.short_name for i in range(adapter.num_blocks) for r in adapter.linear_layers(i)]
+    assert any("linear_attn.in_proj" in n for n in names) and not any("conv1d" in n for n in names)
+    assert any(".experts.3.down_proj" in n for n in names)
 
 
 def file_digest(path):

@@ -266,16 +266,35 @@ def _routers(block: nn.Module, experts: dict[str, nn.Module]) -> set[str]:
     return found
 
 
+#: stacks of matrices no known layout covers may hold at most this share of a block's weights (then: a warning)
+UNKNOWN_STACKS_TOLERATED = 0.05
+
+
 def _refuse_unknown_tensors(block: nn.Module, experts: dict[str, nn.Module], index: int) -> None:
-    """Weights stored in 3-D tensors that are not a known experts module would silently stay dense."""
+    """A stack of matrices (experts x rows x columns) that is not a known experts module would stay dense.
+    When such stacks hold more than a few percent of the block (JetMoE's experts), the model is refused rather
+    than pruned short of its target in silence; a small share (RecurrentGemma's per-head gates) is left dense
+    with a warning. Convolution kernels (Mamba's, linear attention's conv1d) and coefficients shaped (1, 1, n)
+    are not such stacks: they stay dense, as every pruning recipe leaves them."""
+    stacks, matrices = {}, 0
     for name, module in block.named_modules():
-        if name in experts:
-            continue
         for key, param in module._parameters.items():
-            if param is not None and param.ndim >= 3:
-                raise UnsupportedModelError(
-                    f"block {index} stores weights in a {param.ndim}-D tensor ({name}.{key}) of a layout mrprune does "
-                    "not know (not transformers' experts interface nor Llama-4's experts); it cannot prune it")
+            if param is None or param.ndim < 2:
+                continue
+            matrices += param.numel()
+            if (name not in experts and not isinstance(module, nn.modules.conv._ConvNd) and param.ndim >= 3
+                    and sum(d > 1 for d in param.shape) >= 3):
+                stacks[f"{name}.{key}"] = param.numel()
+    share = sum(stacks.values()) / max(matrices, 1)
+    if share > UNKNOWN_STACKS_TOLERATED:
+        first = next(iter(stacks))
+        raise UnsupportedModelError(
+            f"block {index} stores {share:.0%} of its weights in 3-D tensors ({first}{', ...' if len(stacks) > 1 else ''}) "
+            "of a layout mrprune does not know (not transformers' experts interface nor Llama-4's experts); it "
+            "cannot prune them")
+    if stacks and index == 0:
+        log.warning("weights in 3-D tensors of an unknown layout stay dense (%s: %.1f%% of each block's weights)",
+                    ", ".join(stacks), 100 * share)
 
 
 #: model_type -> adapter class for families that need more than the generic adapter

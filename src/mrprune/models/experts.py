@@ -64,10 +64,19 @@ class InterfaceExperts(ExpertsKind):
         hidden = hidden.reshape(-1, hidden.shape[-1])
         chosen = chosen.reshape(hidden.shape[0], -1)
         up_name = self.params(module)[0]
-        for expert in torch.unique(chosen).tolist():
-            if not 0 <= expert < module.down_proj.shape[0]:  # expert-parallel sentinels
+        count = module.down_proj.shape[0]
+        # the token of every (token, choice) pair, grouped by expert in token order: one sort and one read of
+        # the group sizes per call, instead of a mask and a device-to-host wait per expert
+        flat = chosen.flatten().long()
+        key = torch.where((flat >= 0) & (flat < count), flat, count)  # expert-parallel sentinels last, skipped
+        tokens = torch.argsort(key, stable=True) // chosen.shape[1]
+        sizes = torch.bincount(key, minlength=count + 1).tolist()
+        offset = 0
+        for expert, size in enumerate(sizes[:count]):
+            segment, offset = tokens[offset:offset + size], offset + size
+            if size == 0:
                 continue
-            x = hidden[(chosen == expert).any(dim=-1)]
+            x = hidden[segment]
             if not hidden_inputs:
                 yield expert, x, None
                 continue

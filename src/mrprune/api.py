@@ -6,6 +6,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,7 +21,7 @@ from .evaluate.perplexity import PerplexityResult, eval_windows, model_windows, 
 from .export import check_disk, check_output, check_writable, existing_ancestor, export_bytes, export_model, input_paths
 from .metrics import build_metric
 from .metrics.pattern import SparsityPattern
-from .models.adapter import ModelAdapter, get_adapter
+from .models.adapter import ExpertRef, ModelAdapter, get_adapter
 from .models.loading import (
     ModelSource,
     load_model,
@@ -369,6 +370,19 @@ def _prune_loaded(config: PruneConfig, target: _Target, adapter: ModelAdapter, m
             spill.close()
 
 
+def expert_coverage(adapter: ModelAdapter, layer_tokens: dict[str, int]) -> dict[str, Any] | None:
+    """How many calibration tokens each expert got (from its first matrix), over the blocks pruned in this run;
+    None for a model without experts or a metric without calibration."""
+    firsts = [r for r in adapter.all_linear_layers()
+              if isinstance(r, ExpertRef) and r.param == r.kind.params(r.module)[0] and r.name in layer_tokens]
+    if not firsts:
+        return None
+    counts = sorted(layer_tokens[r.name] for r in firsts)
+    return {"experts": len(counts), "blocks": len({r.block for r in firsts}),
+            "calibration_tokens": {"min": counts[0], "median": counts[len(counts) // 2], "max": counts[-1]},
+            "without_tokens": sum(c == 0 for c in counts)}
+
+
 def _prune_with(config: PruneConfig, target: _Target, adapter: ModelAdapter, metric, allocator, pattern,
                 calib_ids, eval_corpus, zeroshot_tasks, device: torch.device, timer: PhaseTimer, progress: bool,
                 checkpoint: Checkpoint | None, spill: SpillStore | None) -> PruneOutcome:
@@ -417,6 +431,9 @@ def _prune_with(config: PruneConfig, target: _Target, adapter: ModelAdapter, met
     )
     if checkpoint is not None and checkpoint.resuming:
         report.extra["resumed_from"] = str(checkpoint.directory)
+    experts = expert_coverage(adapter, runner.layer_tokens)
+    if experts:
+        report.extra["experts"] = experts
     s = report.sparsity
     if not s["target_met"]:  # e.g. a model already pruned beyond the target: masks only ever add zeros
         log.warning("global sparsity %.4f misses the target %.4f (already pruned beyond it?)", s["achieved"],

@@ -133,6 +133,11 @@ class PruneReport:
             f"off by {s['deviation_weights']:+.0f} weights, tolerance one row per layer = {s['tolerance_weights']}: "
             f"{'met' if s['target_met'] else 'NOT MET'})",
         ]
+        if "experts" in self.extra:
+            e = self.extra["experts"]
+            t = e["calibration_tokens"]
+            lines.append(f"experts    {e['experts']} in {e['blocks']} blocks; calibration tokens per expert min {t['min']}, "
+                         f"median {t['median']}, max {t['max']}; {e['without_tokens']} without any (pruned by |W|)")
         noted = [(layer["name"], note) for layer in self.layers for note in layer.get("notes", [])]
         for name, note in noted[:NOTES_SHOWN]:
             lines.append(f"note       {name}: {note}")

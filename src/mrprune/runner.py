@@ -79,6 +79,10 @@ class SequentialPruner:
         #: where progress is saved after every finished block (and resumed from), if anywhere
         self.checkpoint = checkpoint
         self.dtype = next(adapter.model.parameters()).dtype
+        #: calibration tokens that reached each layer when it was last pruned (an expert sees only its own)
+        self.layer_tokens: dict[str, int] = {}
+        #: every note a layer's pruning gave, over all the times it was pruned (MRP prunes a layer many times)
+        self.layer_notes: dict[str, list[str]] = {}
         place_model(adapter.model, adapter.blocks_name, device, offload)
         #: with ``spill``, pruned blocks live in its files instead of the host's RAM
         self.mover = BlockMover(adapter.blocks, device, enabled=offload, spill=spill)
@@ -219,6 +223,8 @@ class SequentialPruner:
             for ref in layers:
                 weight = ref.weight.to(torch.float32)
                 layer_stats = stats.get(ref.name, LayerStats())
+                if self.metric.needs_calibration:
+                    self.layer_tokens[ref.name] = layer_stats.tokens
                 known_notes = len(layer_stats.notes)  # layers fed the same input share one LayerStats
                 result = self.metric.prune(weight, layer_stats, targets[ref.name], self.pattern, forced=weight == 0)
                 if last_use.get(id(layer_stats)) == ref.name:  # no later layer shares what it derived (H^-1)
@@ -226,9 +232,12 @@ class SequentialPruner:
                 check_pruned_weight(result.weight, ref.name, ref.block)
                 ref.set_weight(result.weight)
                 zeros = int((ref.weight == 0).sum())
+                notes = list(layer_stats.notes[known_notes:])
+                kept = self.layer_notes.setdefault(ref.name, [])
+                kept += [note for note in notes if note not in kept]
                 records.append(
                     LayerRecord(ref.name, ref.block, tuple(ref.weight.shape), targets[ref.name], zeros, ref.numel,
-                                list(layer_stats.notes[known_notes:]))
+                                notes)
                 )
         unseen = [record for record in records if UNSEEN_NOTE in record.notes]
         if unseen:
@@ -259,7 +268,20 @@ class SequentialPruner:
         self.close()  # no block copy in flight while the host weights are rewritten
         with self.timer.phase("resume"):
             ckpt.restore_weights(self.adapter, before_write=self.mover.prepare_host_write)
-        return int(ckpt.progress["next_block"]), ckpt.records()
+        records = ckpt.records()
+        for record in records:
+            self.layer_notes.setdefault(record.name, list(record.notes))
+        return int(ckpt.progress["next_block"]), records
+
+    def final_records(self) -> list[LayerRecord]:
+        """Every layer as it is now, with all its notes: the records of an allocator that prunes layers more
+        than once (MRP), whose targets are what the layers reached."""
+        return [
+            LayerRecord(ref.name, ref.block, tuple(ref.weight.shape), zeros / ref.numel, zeros, ref.numel,
+                        list(self.layer_notes.get(ref.name, [])))
+            for ref in self.adapter.all_linear_layers()
+            for zeros in [int((ref.weight == 0).sum())]
+        ]
 
     def save_progress(self, acts: Activations | None, block: int, records: list[LayerRecord],
                       stage: str = "prune", state: dict | None = None) -> None:

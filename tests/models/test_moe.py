@@ -236,6 +236,14 @@ def test_moe_model_prunes_exports_and_reloads(tiny_dir, tmp_path, allocation, me
     outcome = prune(config=config, progress=False)
     assert file_digest(model_dir / "model.safetensors") == before
     assert outcome.report.sparsity["target_met"]
+    coverage = outcome.report.extra.get("experts")
+    if metric == "magnitude":
+        assert coverage is None  # no calibration: nothing to say
+    else:  # 4 windows of 32 tokens, each routed to 2 of 4 experts, in each of 3 blocks
+        assert coverage["experts"] == 12 and coverage["blocks"] == 3 and coverage["without_tokens"] == 0
+        t = coverage["calibration_tokens"]
+        assert 0 < t["min"] <= t["median"] <= t["max"] <= 4 * 32
+        assert "experts    12 in 3 blocks; calibration tokens per expert" in outcome.report.format_text()
     names = {layer["name"] for layer in outcome.report.layers}
     assert "model.layers.2.mlp.experts.3.down_proj" in names
 
@@ -324,3 +332,19 @@ def test_moe_with_an_offload_dir_is_bit_for_bit_and_n_m_holds_in_every_expert(ti
     for ref in get_adapter(run.model).all_linear_layers():  # 2 zeros in every group of 4 inputs of every row
         groups = (ref.weight == 0).reshape(ref.out_features, -1, 4).sum(dim=-1)
         assert bool((groups == 2).all()), ref.name
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "mrp", "mrp-fast"])
+def test_an_unchosen_expert_falls_back_to_magnitude_in_every_allocation(tmp_path, tokenizer, allocation):
+    """Exact MRP re-prunes from statistics it keeps itself: they must still say that no token came."""
+    model = tiny_model("gpt_oss")
+    for block in model.model.layers:
+        block.mlp.router.bias.data[3] = -1e4
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    config = moe_job(tmp_path / "model", tmp_path / "out", **{"allocation.method": allocation,
+                                                              "allocation.mrp.step": 0.1, "allocation.mrp.min_step": 0.05})
+    outcome = prune(config=config, progress=False)
+    unseen = {layer["name"] for layer in outcome.report.layers if UNSEEN_NOTE in layer.get("notes", [])}
+    assert unseen == {f"model.layers.{b}.mlp.experts.3.{p}" for b in range(3) for p in ("gate_up_proj", "down_proj")}
+    assert outcome.report.extra["experts"]["without_tokens"] == 3

@@ -158,6 +158,7 @@ class MrpRun:
             self.unit_of_block.setdefault(unit.block, []).append(unit)
         self.block_of = {ref.name: ref.block for ref in ctx.adapter.all_linear_layers()}
         self.sq_norm: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}  # 0: no calibration token reached the layer (an expert never chosen)
         self.stale_from = 0
         # "dense-block": a block's internal activations come from its dense weights (inputs from the pruned
         # upstream blocks), as Wanda collects statistics; "pruned-block": from its current pruned weights
@@ -190,6 +191,7 @@ class MrpRun:
 
     def _remember(self, stats: dict[str, LayerStats]) -> None:
         self.sq_norm.update({name: s.sq_norm for name, s in stats.items()})
+        self.tokens.update({name: s.tokens for name, s in stats.items()})
         for block in {self.block_of[name] for name in stats}:
             self._forget_counts(block)
 
@@ -261,7 +263,8 @@ class MrpRun:
             stats = self._with_block(unit.block, lambda: self._observe(acts, unit.block, hessian=True), changed=False)
             return {ref.name: stats[ref.name] for ref in unit.layers}
         if metric.needs_sq_norm:
-            return {ref.name: LayerStats(sq_norm=self.sq_norm[ref.name]) for ref in unit.layers}
+            return {ref.name: LayerStats(tokens=self.tokens[ref.name], sq_norm=self.sq_norm[ref.name],
+                                         unseen=self.tokens[ref.name] == 0) for ref in unit.layers}
         return {}
 
     def prune_unit(self, unit: Unit, total_zeros: int) -> None:
@@ -292,7 +295,8 @@ class MrpRun:
             return
         with self.pruner.timer.phase("checkpoint"):
             ckpt.save_blocks(self.adapter, blocks)
-            ckpt.commit("mrp-iterate", range(self.adapter.num_blocks), state={"trace": self.trace})
+            ckpt.commit("mrp-iterate", range(self.adapter.num_blocks), state={"trace": self.trace,
+                                                                              "notes": self.pruner.layer_notes})
 
     def resume(self) -> None:
         """Continue a checkpointed run: restore its weights (and trace); statistics are recomputed from block 0
@@ -305,6 +309,7 @@ class MrpRun:
         with self.pruner.timer.phase("resume"):
             ckpt.restore_weights(self.adapter, before_write=self.pruner.mover.prepare_host_write)
         self.trace = list(ckpt.progress["state"].get("trace", []))
+        self.pruner.layer_notes.update(ckpt.progress["state"].get("notes", {}))
         self._start_cache()
         self.stale_from = 0
 
@@ -396,11 +401,7 @@ class MrpRun:
         bar.close()
 
     def result(self, final_ratios: list[float]) -> tuple[Allocation, list[LayerRecord]]:
-        records = [
-            LayerRecord(ref.name, ref.block, tuple(ref.weight.shape), zeros / ref.numel, zeros, ref.numel)
-            for ref in self.adapter.all_linear_layers()
-            for zeros in [int((ref.weight == 0).sum())]
-        ]
+        records = self.pruner.final_records()
         o = self.opt
         allocation = Allocation.from_layers(
             "mrp", self.adapter, {r.name: r.sparsity for r in records}, self.target,

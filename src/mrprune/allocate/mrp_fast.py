@@ -84,6 +84,7 @@ class FastMrpRun:
             done, drift_true, drift_dense = state["done"], state["drift_true"], state["drift_dense"]
             fixed = {int(k): v for k, v in state["fixed"].items()}
             final_ratios, self.trace = list(state["final_ratios"]), list(state["trace"])
+            pruner.layer_notes.update(state.get("notes", {}))
         if start >= self.adapter.num_blocks:
             return self.result(final_ratios)
         acts = pruner.resume(self.input_ids) if start else pruner.capture(self.input_ids)
@@ -133,7 +134,7 @@ class FastMrpRun:
                 pruner._release(block)
             pruner.save_progress(acts, block, [], stage="mrp-fast", state={
                 "done": done, "fixed": fixed, "drift_true": drift_true, "drift_dense": drift_dense,
-                "final_ratios": final_ratios, "trace": self.trace})
+                "final_ratios": final_ratios, "trace": self.trace, "notes": pruner.layer_notes})
         return self.result(final_ratios)
 
     def dense_curves(self) -> list[RedundancyCurve]:
@@ -198,11 +199,7 @@ class FastMrpRun:
         return curves  # type: ignore[return-value]
 
     def result(self, final_ratios: list[float]) -> tuple[Allocation, list[LayerRecord]]:
-        records = [
-            LayerRecord(ref.name, ref.block, tuple(ref.weight.shape), zeros / ref.numel, zeros, ref.numel)
-            for ref in self.adapter.all_linear_layers()
-            for zeros in [int((ref.weight == 0).sum())]
-        ]
+        records = self.pruner.final_records()
         o = self.opt
         allocation = Allocation.from_layers(
             "mrp-fast", self.adapter, {r.name: r.sparsity for r in records}, self.target,

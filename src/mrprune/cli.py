@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .allocate import ALLOCATORS
+from .allocate import ALLOCATORS, COMPARED_BY_DEFAULT
 from .config import CHOICES, PruneConfig, check_positive, dump_config, load_config, merge
 from .errors import ConfigError, Interrupted, MrpruneError
 from .metrics import METRICS
@@ -426,8 +426,8 @@ def _add_compare_parser(sub, common: argparse.ArgumentParser) -> None:
     c = _analysis_parser(sub, "compare", common, "grid of allocation x metric x sparsity on one model",
                          "Prune one model once per allocation x metric x sparsity from the same dense weights "
                          "and calibration; print a Markdown table of perplexities.", "compare")
-    c.add_argument("--allocations", default="uniform,owl,alphapruning,mrp",
-                   help="comma-separated allocations (default uniform,owl,alphapruning,mrp)")
+    c.add_argument("--allocations", default=",".join(COMPARED_BY_DEFAULT),
+                   help=f"comma-separated allocations (default {','.join(COMPARED_BY_DEFAULT)}; the exact loop: mrp)")
     c.add_argument("--metrics", default="wanda", help="comma-separated metrics (default wanda)")
     c.add_argument("--sparsities", default="0.5", help="comma-separated target sparsities (default 0.5)")
     c.add_argument("--redundancy", action="store_true",
@@ -465,8 +465,9 @@ def add_analysis_commands(sub, common: argparse.ArgumentParser) -> None:
     alloc = _analysis_parser(asub, "allocation", common, "per-block sparsity of each allocator",
                              "Per-block sparsity each allocator gives for one model, target and metric, and the "
                              "redundancy spread each leaves after pruning.", "allocation")
-    alloc.add_argument("--allocations", default="uniform,owl,alphapruning,mrp",
-                       help="comma-separated allocations (default uniform,owl,alphapruning,mrp)")
+    alloc.add_argument("--allocations", default=",".join(COMPARED_BY_DEFAULT),
+                       help=f"comma-separated allocations (default {','.join(COMPARED_BY_DEFAULT)}; the exact loop: "
+                            "mrp)")
     alloc.add_argument("--eval", dest="evaluate", action="store_const", const=True, default=None,
                        help="also measure each allocation's perplexity")
     _add_analysis_output(alloc, "mrprune-allocation", "write allocation.json, .png and .md to this directory "

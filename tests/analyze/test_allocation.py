@@ -12,7 +12,8 @@ def test_every_allocator_hits_the_target_from_the_same_dense_weights(tokenizer):
     model = tiny_model("llama")
     original = state(model)
     config = fast_config(sparsity=0.6, **{"allocation.mrp.step": 0.05})
-    result = allocation_analysis(model, config, tokenizer=tokenizer, progress=False)
+    result = allocation_analysis(model, config, tokenizer=tokenizer, progress=False,
+                                 allocations=["uniform", "owl", "alphapruning", "mrp"])
     assert same_state(model, original)  # left dense
     outcomes = {o.name: o for o in result.outcomes}
     assert list(outcomes) == ["uniform", "owl", "alphapruning", "mrp"]
@@ -54,3 +55,8 @@ def test_bad_allocation_inputs(tiny_dir, tmp_path, capsys, args, fragment):
     code, _, err = run_cli(capsys, "analyze", "allocation", "--model", tiny_dir("llama"), *FAST_ARGS, *args,
                            "--output", tmp_path / "out")
     assert_one_line_error(code, err, fragment)
+
+
+def test_the_default_comparison_runs_fast_mrp_not_the_hours_long_loop(tokenizer):
+    result = allocation_analysis(tiny_model("llama"), fast_config(sparsity=0.6), tokenizer=tokenizer, progress=False)
+    assert [o.name for o in result.outcomes] == ["uniform", "owl", "alphapruning", "mrp-fast"]

@@ -28,6 +28,9 @@ ALLOCATORS: dict[str, Callable[..., Allocator]] = {
     ),
 }
 
+#: what the analyses compare unless told: fast MRP, since the exact loop (`mrp`) takes hours on a 7B model
+COMPARED_BY_DEFAULT = ("uniform", "owl", "alphapruning", "mrp-fast")
+
 
 def build_allocator(name: str, config=None) -> Allocator:
     return ALLOCATORS[name](config)
@@ -35,6 +38,7 @@ def build_allocator(name: str, config=None) -> Allocator:
 
 __all__ = [
     "ALLOCATORS",
+    "COMPARED_BY_DEFAULT",
     "AlphaAllocator",
     "Allocation",
     "AllocationContext",

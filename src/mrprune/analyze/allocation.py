@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..allocate import ALLOCATORS
+from ..allocate import ALLOCATORS, COMPARED_BY_DEFAULT
 from ..api import PruneOutcome, prune
 from ..config import PruneConfig, merge
 from ..errors import ConfigError
@@ -31,7 +31,7 @@ from .profile import dense_thresholds, non_outlier_ratios
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ALLOCATIONS = ("uniform", "owl", "alphapruning", "mrp")
+DEFAULT_ALLOCATIONS = COMPARED_BY_DEFAULT
 #: allocation details too long for a side-by-side summary (MRP's per-iteration trace)
 _DROPPED_DETAILS = ("trace",)
 

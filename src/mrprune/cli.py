@@ -273,21 +273,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 def format_info(info: dict) -> str:
     lines = [f"{k:<24}{v}" for k, v in info.items() if k not in ("layers", "blocks", "routers")]
     lines.append("linear layers of block 0 (out x in):")
-    experts: dict[tuple[str, str], list] = {}  # one line per expert tensor, not per expert
+    rows: dict[str, list] = {}  # one row per expert tensor, not per expert: name -> [shape, experts]
     for layer in info["layers"]:
-        match = re.fullmatch(r"(.*\.)(\d+)(\.\w+)", layer["name"])
-        if match and ".experts." in layer["name"]:
-            key = (match[1], match[3])
-            if key not in experts:
-                experts[key] = [layer["shape"], 0]
-                lines.append(key)
-            experts[key][1] += 1
-        else:
-            lines.append(f"  {layer['name']:<40}{layer['shape'][0]} x {layer['shape'][1]}")
-    for i, line in enumerate(lines):
-        if isinstance(line, tuple):
-            (shape, count), name = experts[line], f"{line[0]}<expert>{line[1]}"
-            lines[i] = f"  {name:<40}{shape[0]} x {shape[1]}  ({count} experts)"
+        match = re.fullmatch(r"(.*\.experts\.)\d+(\.\w+)", layer["name"])
+        rows.setdefault(f"{match[1]}<expert>{match[2]}" if match else layer["name"], [layer["shape"], 0])[1] += 1
+    lines += [f"  {name:<40}{shape[0]} x {shape[1]}" + (f"  ({count} experts)" if "<expert>" in name else "")
+              for name, (shape, count) in rows.items()]
     if info.get("routers"):
         lines.append("routers of block 0 (kept dense): " + ", ".join(info["routers"]))
     lines.append("block sparsity: " + " ".join(f"{b:.3f}" for b in info["blocks"]))

@@ -219,6 +219,7 @@ class SequentialPruner:
             with self.timer.phase("block moves"):  # into the --offload-dir files, before the first write
                 for block in sorted({ref.block for ref in layers}):
                     self.mover.prepare_host_write(block)
+        unseen: list[LinearRef] = []
         with self.timer.phase("masks"):
             for ref in layers:
                 weight = ref.weight.to(torch.float32)
@@ -234,12 +235,14 @@ class SequentialPruner:
                 zeros = int((ref.weight == 0).sum())
                 notes = list(layer_stats.notes[known_notes:])
                 kept = self.layer_notes.setdefault(ref.name, [])
-                kept += [note for note in notes if note not in kept]
+                fresh = [note for note in notes if note not in kept]
+                kept += fresh
+                if UNSEEN_NOTE in fresh:  # said once per layer, however often MRP re-prunes it
+                    unseen.append(ref)
                 records.append(
                     LayerRecord(ref.name, ref.block, tuple(ref.weight.shape), targets[ref.name], zeros, ref.numel,
                                 notes)
                 )
-        unseen = [record for record in records if UNSEEN_NOTE in record.notes]
         if unseen:
             log.warning("block %s: %d of %d layers (experts) got no calibration token and were pruned by magnitude; "
                         "more --nsamples reach more experts", ",".join(str(b) for b in sorted({r.block for r in unseen})),

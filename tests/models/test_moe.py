@@ -335,8 +335,9 @@ def test_moe_with_an_offload_dir_is_bit_for_bit_and_n_m_holds_in_every_expert(ti
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "mrp", "mrp-fast"])
-def test_an_unchosen_expert_falls_back_to_magnitude_in_every_allocation(tmp_path, tokenizer, allocation):
-    """Exact MRP re-prunes from statistics it keeps itself: they must still say that no token came."""
+def test_an_unchosen_expert_falls_back_to_magnitude_in_every_allocation(tmp_path, tokenizer, allocation, caplog):
+    """Exact MRP re-prunes from statistics it keeps itself: they must still say that no token came (and the
+    warning comes once per block, not once per re-pruning)."""
     model = tiny_model("gpt_oss")
     for block in model.model.layers:
         block.mlp.router.bias.data[3] = -1e4
@@ -344,7 +345,22 @@ def test_an_unchosen_expert_falls_back_to_magnitude_in_every_allocation(tmp_path
     tokenizer.save_pretrained(tmp_path / "model")
     config = moe_job(tmp_path / "model", tmp_path / "out", **{"allocation.method": allocation,
                                                               "allocation.mrp.step": 0.1, "allocation.mrp.min_step": 0.05})
-    outcome = prune(config=config, progress=False)
+    with caplog.at_level("WARNING", logger="mrprune.runner"):
+        outcome = prune(config=config, progress=False)
+    warned = [r.getMessage() for r in caplog.records if "got no calibration token" in r.getMessage()]
+    assert sorted(warned) == [f"block {b}: 2 of 12 layers (experts) got no calibration token and were pruned by "
+                              "magnitude; more --nsamples reach more experts" for b in range(3)]
     unseen = {layer["name"] for layer in outcome.report.layers if UNSEEN_NOTE in layer.get("notes", [])}
     assert unseen == {f"model.layers.{b}.mlp.experts.3.{p}" for b in range(3) for p in ("gate_up_proj", "down_proj")}
     assert outcome.report.extra["experts"]["without_tokens"] == 3
+
+
+def test_info_shows_one_line_per_expert_tensor_and_the_routers(tiny_dir, capsys):
+    from mrprune.cli import main
+
+    assert main(["info", "-q", str(tiny_dir("qwen2_moe"))]) == 0
+    out = capsys.readouterr().out
+    assert "  mlp.experts.<expert>.gate_up_proj       96 x 64  (4 experts)" in out
+    assert "  mlp.experts.<expert>.down_proj          64 x 48  (4 experts)" in out
+    assert out.count("experts.<expert>") == 2 and "mlp.shared_expert.down_proj" in out
+    assert "routers of block 0 (kept dense): mlp.shared_expert_gate" in out

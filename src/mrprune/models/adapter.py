@@ -65,14 +65,11 @@ class LinearRef:
 
     def swap_weight(self, new: torch.Tensor) -> torch.Tensor:
         """Give the module the (out, in) matrix ``new`` (in its dtype and device) as a tensor of its own, without
-        writing into the current one; returns the current storage tensor, for :meth:`restore_weight`."""
+        writing into the current one; returns the current storage tensor, for :func:`restore_weights`."""
         old = self.module.weight.data
         new = new.to(old.dtype).to(old.device, non_blocking=True)
         self.module.weight.data = new.t().contiguous() if self.transposed else new
         return old
-
-    def restore_weight(self, old: torch.Tensor) -> None:
-        self.module.weight.data = old
 
     @property
     def stored(self) -> torch.Tensor:

@@ -90,9 +90,32 @@ def _gguf_in_dir(directory: Path) -> Path | None:
 
 
 def gguf_cache_dir(gguf: Path) -> Path:
+    """The conversion's cache directory. The key holds the versions of transformers and gguf, which do the
+    dequantisation: a conversion an older version got wrong is not reused after an upgrade."""
     stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    versions = f"{installed_version('transformers')}|{installed_version('gguf')}"
+    key = hashlib.sha1(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{versions}".encode()).hexdigest()[:16]
     return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+
+
+#: text a converted tokenizer must encode exactly as the GGUF file's own does: words, spaces, a line break,
+#: digits, punctuation and non-ASCII letters
+TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog.\n  In 2048, naïve café owners said: \"ok\" (東京)."
+
+
+def check_saved_tokenizer(original, directory: Path, what: str) -> None:
+    """Refuse a saved tokenizer that encodes text differently from ``original``. transformers 5.0-5.4 wrote
+    the tokenizer of a GGUF file so that, reloaded, it turned every space into token 0: every calibration
+    window and perplexity after that would have been computed on garbage, silently."""
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(str(directory))
+    expected, got = original(TOKENIZER_PROBE)["input_ids"], reloaded(TOKENIZER_PROBE)["input_ids"]
+    if got != expected:
+        raise ModelLoadError(
+            f"transformers {installed_version('transformers')} saves the tokenizer of {what} so that it encodes "
+            f"text differently from the GGUF's own (token ids {got[:6]}... instead of {expected[:6]}...); "
+            f"nothing was cached: upgrade transformers")
 
 
 def strip_gguf_quantizer(model) -> None:
@@ -122,6 +145,7 @@ def convert_gguf(gguf: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        check_saved_tokenizer(tokenizer, tmp, gguf.name)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

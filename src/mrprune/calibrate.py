@@ -54,37 +54,77 @@ def pass_through(*args, **kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def pass_through_as_tuple(*args, **kwargs) -> tuple[torch.Tensor]:
+    return (pass_through(*args, **kwargs),)
+
+
+#: set on a model's block list when its parent takes ``[0]`` of every block's output (the blocks of models
+#: written for transformers 4, remote code among them, return tuples)
+_TUPLE_OUTPUTS = "_mrprune_blocks_return_tuples"
+
+
+def blocks_return_tuples(adapter: ModelAdapter) -> bool:
+    """Whether a bypassed block must answer with a tuple; known once ``record_block_calls`` has run."""
+    return getattr(adapter.blocks, _TUPLE_OUTPUTS, False)
+
+
+class _RecordingDone(Exception):
+    """Ends a recording forward: at the last block, or where the parent shows it indexes the blocks' outputs."""
+
+
 def record_block_calls(adapter: ModelAdapter, window: torch.Tensor) -> list[BlockCall]:
     """Record each block's call context during one forward of ``window`` (1 x seqlen ids).
 
     The parent computes masks and position embeddings before its block loop, not from the blocks' outputs, so
-    the blocks are bypassed during this forward: it costs an embedding lookup, and offloaded blocks never
-    need to reach the device for it.
+    the blocks are bypassed during this forward and it stops at the last block: it costs an embedding lookup,
+    and offloaded blocks never need to reach the device for it. A bypassed block answers with its input; if
+    the next block then receives something else (the parent took ``[0]`` of it), the blocks return tuples, and
+    the recording is done again with bypasses that answer so.
     """
+    calls, indexed = _record_block_calls(adapter, window, as_tuple=False)
+    if indexed:
+        object.__setattr__(adapter.blocks, _TUPLE_OUTPUTS, True)
+        calls, _ = _record_block_calls(adapter, window, as_tuple=True)
+    return calls
+
+
+def _record_block_calls(adapter: ModelAdapter, window: torch.Tensor, as_tuple: bool) -> tuple[list[BlockCall], bool]:
     calls: list[BlockCall | None] = [None] * adapter.num_blocks
+    first_shape: torch.Size | None = None
+    indexed = False
 
     def recorder(index: int):
         def hook(module, args, kwargs):
-            _, rest, kw = _split_hidden(args, kwargs)
+            nonlocal first_shape, indexed
+            hidden, rest, kw = _split_hidden(args, kwargs)
+            if index == 0:
+                first_shape = hidden.shape
+            elif not as_tuple and (not torch.is_tensor(hidden) or hidden.shape != first_shape):
+                indexed = True
+                raise _RecordingDone
             calls[index] = BlockCall(rest, kw)
+            if index == adapter.num_blocks - 1:
+                raise _RecordingDone
 
         return hook
 
     handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(adapter.blocks)]
     for block in adapter.blocks:
-        block.forward = pass_through
+        block.forward = pass_through_as_tuple if as_tuple else pass_through
     try:
         with torch.inference_mode():
             adapter.base_model(input_ids=window.to(adapter.input_device()), use_cache=False)
+    except _RecordingDone:
+        pass
     finally:
         for block in adapter.blocks:
             del block.forward
         for handle in handles:
             handle.remove()
     missing = [i for i, call in enumerate(calls) if call is None]
-    if missing:
+    if missing and not indexed:
         raise RuntimeError(f"blocks {missing} were never called by the model's forward")
-    return calls  # type: ignore[return-value]
+    return calls, indexed  # type: ignore[return-value]
 
 
 class _FirstBlockReached(Exception):

@@ -16,7 +16,14 @@ import contextlib
 import torch
 from torch import nn
 
-from ..calibrate import capture_block_inputs, pass_through, record_block_calls, run_block
+from ..calibrate import (
+    blocks_return_tuples,
+    capture_block_inputs,
+    pass_through,
+    pass_through_as_tuple,
+    record_block_calls,
+    run_block,
+)
 from ..models.adapter import ModelAdapter, get_adapter
 from ..runtime import BlockMover
 
@@ -66,9 +73,11 @@ def run_blocks(model: nn.Module, inputs: list[torch.Tensor], device: torch.devic
 def last_block_answers(adapter: ModelAdapter, final: torch.Tensor):
     """While active, the model's forward skips its blocks and takes ``final`` as the last block's output."""
     blocks = adapter.blocks
+    as_tuple = blocks_return_tuples(adapter)
     for block in blocks:
-        block.forward = pass_through
-    blocks[len(blocks) - 1].forward = lambda *args, **kwargs: final
+        block.forward = pass_through_as_tuple if as_tuple else pass_through
+    answer = (final,) if as_tuple else final
+    blocks[len(blocks) - 1].forward = lambda *args, **kwargs: answer
     try:
         yield
     finally:

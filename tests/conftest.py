@@ -44,6 +44,8 @@ FAMILIES = {
     "phi3": lambda: transformers.Phi3Config(
         hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=128, pad_token_id=0),
+    # ALiBi with the batch folded into the bias tensor's first dimension: its context depends on the micro-batch
+    "bloom": lambda: transformers.BloomConfig(hidden_size=64, n_layer=3, n_head=4),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
         max_position_embeddings=128),

@@ -65,3 +65,15 @@ def test_blocks_returning_tuples_are_recorded_evaluated_and_pruned_as_their_tens
     for name, weight in model.named_parameters():
         assert torch.equal(weight, twin.get_parameter(name)), name
     assert all("forward" not in vars(block) for block in get_adapter(twin).blocks)
+
+
+def test_a_context_that_depends_on_the_micro_batch_is_recorded_for_each_size():
+    """BLOOM folds the batch into its ALiBi tensor (batch x heads, 1, seqlen); a Llama's context broadcasts."""
+    ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    bloom = get_adapter(tiny_model("bloom"))
+    calls = record_block_calls(bloom, ids, rows=(3, 2, 1))
+    assert calls[0].kwargs["alibi"].shape == (4, 1, 16)
+    assert sorted(calls[0].by_rows) == [2, 3] and calls[0].for_rows(3).kwargs["alibi"].shape == (12, 1, 16)
+    assert calls[0].for_rows(1) is calls[0]
+    llama = get_adapter(tiny_model("llama"))
+    assert all(not call.by_rows for call in record_block_calls(llama, ids, rows=(3, 2)))

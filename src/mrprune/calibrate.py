@@ -10,7 +10,8 @@ windows by a pre-hook that stops the forward there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from itertools import pairwise
 
 import torch
@@ -27,13 +28,50 @@ CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past")
 
 @dataclass
 class BlockCall:
-    """Everything a block receives besides the hidden states: positional args after them and keyword args."""
+    """Everything a block receives besides the hidden states: positional args after them and keyword args.
+
+    Recorded for one window, the context broadcasts over a micro-batch of windows in almost every model. Where
+    it does not (BLOOM folds the batch into its ALiBi tensor's first dimension), ``by_rows`` holds the context
+    recorded for each micro-batch size the run uses."""
 
     args: tuple
     kwargs: dict
+    by_rows: dict[int, BlockCall] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> BlockCall:
-        return BlockCall(move_tree(self.args, device), move_tree(self.kwargs, device))
+        return BlockCall(move_tree(self.args, device), move_tree(self.kwargs, device),
+                         {rows: call.to(device) for rows, call in self.by_rows.items()})
+
+    def for_rows(self, rows: int) -> BlockCall:
+        """The context for a micro-batch of ``rows`` windows."""
+        if rows == 1 or not self.by_rows:
+            return self
+        if rows not in self.by_rows:
+            raise RuntimeError(f"no block context was recorded for micro-batches of {rows} windows")
+        return self.by_rows[rows]
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
+
+
+def _broadcasts(one: list[BlockCall], two: list[BlockCall]) -> bool:
+    """Whether every tensor of the contexts recorded for one window broadcasts to those recorded for two."""
+    for a, b in zip(one, two):
+        left, right = list(_tensors((a.args, a.kwargs))), list(_tensors((b.args, b.kwargs)))
+        if len(left) != len(right):
+            return False
+        for x, y in zip(left, right):
+            if x.dim() != y.dim() or any(i != j and i != 1 for i, j in zip(x.shape, y.shape)):
+                return False
+    return True
 
 
 def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
@@ -72,8 +110,9 @@ class _RecordingDone(Exception):
     """Ends a recording forward: at the last block, or where the parent shows it indexes the blocks' outputs."""
 
 
-def record_block_calls(adapter: ModelAdapter, window: torch.Tensor) -> list[BlockCall]:
-    """Record each block's call context during one forward of ``window`` (1 x seqlen ids).
+def record_block_calls(adapter: ModelAdapter, window: torch.Tensor, rows: Iterable[int] = ()) -> list[BlockCall]:
+    """Record each block's call context during one forward of ``window`` (1 x seqlen ids), and for every
+    micro-batch size in ``rows`` whose context does not broadcast from it (see :class:`BlockCall`).
 
     The parent computes masks and position embeddings before its block loop, not from the blocks' outputs, so
     the blocks are bypassed during this forward and it stops at the last block: it costs an embedding lookup,
@@ -85,6 +124,15 @@ def record_block_calls(adapter: ModelAdapter, window: torch.Tensor) -> list[Bloc
     if indexed:
         object.__setattr__(adapter.blocks, _TUPLE_OUTPUTS, True)
         calls, _ = _record_block_calls(adapter, window, as_tuple=True)
+    sizes = sorted({r for r in rows if r > 1})
+    if not sizes:
+        return calls
+    as_tuple = blocks_return_tuples(adapter)
+    if _broadcasts(calls, _record_block_calls(adapter, window.expand(2, -1), as_tuple)[0]):
+        return calls
+    for size in sizes:
+        for call, sized in zip(calls, _record_block_calls(adapter, window.expand(size, -1), as_tuple)[0]):
+            call.by_rows[size] = sized
     return calls
 
 
@@ -190,7 +238,8 @@ def run_block(
     with torch.inference_mode():
         for start in range(0, hidden.shape[0], batch_size):
             chunk = hidden[start : start + batch_size].to(device, non_blocking=True)
-            out = block(chunk, *call.args, **call.kwargs)
+            context = call.for_rows(chunk.shape[0])
+            out = block(chunk, *context.args, **context.kwargs)
             if isinstance(out, tuple):
                 out = out[0]
             if write_back:

@@ -100,7 +100,8 @@ class SequentialPruner:
         """Every block's call context (masks, positions), from one forward of the first window (blocks
         bypassed, so offloaded blocks stay where they are)."""
         check_context(self.adapter.model, input_ids.shape[1], "a calibration window (--seqlen)")
-        return record_block_calls(self.adapter, input_ids[:1])
+        n = input_ids.shape[0]
+        return record_block_calls(self.adapter, input_ids[:1], rows=(min(self.batch_size, n), n % self.batch_size))
 
     def resume(self, input_ids: torch.Tensor) -> Activations:
         """The saved activations entering the checkpoint's next block, with freshly recorded call contexts

@@ -8,7 +8,7 @@ from mrprune.models.adapter import ExpertRef
 from tests.conftest import FAMILIES, tiny_model
 
 EXPECTED_LINEARS = {
-    "llama": 7, "mistral": 7, "qwen2": 7, "qwen3": 7, "gemma3": 7, "opt": 6, "gpt2": 4, "phi3": 4, "gpt_neox": 4,
+    "llama": 7, "mistral": 7, "qwen2": 7, "qwen3": 7, "gemma3": 7, "opt": 6, "gpt2": 4, "phi3": 4, "gpt_neox": 4, "bloom": 4,
     # attention + gate_up and down of 4 experts (+ Qwen2-MoE's shared expert); routers are not layers
     "mixtral": 12, "phimoe": 12, "gpt_oss": 12, "qwen2_moe": 15, "llama4": 15,
 }

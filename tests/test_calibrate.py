@@ -3,13 +3,16 @@
 
 import copy
 
+import pytest
 import torch
+import transformers
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel
 
 from mrprune import CalibrationConfig, PruneConfig, prune
 from mrprune.calibrate import blocks_return_tuples, record_block_calls
 from mrprune.data import embedded_text
+from mrprune.errors import UnsupportedModelError
 from mrprune.evaluate.perplexity import block_major_nlls, eval_windows, window_nll
 from mrprune.models.adapter import get_adapter
 from tests.conftest import VOCAB, tiny_model
@@ -68,12 +71,71 @@ def test_blocks_returning_tuples_are_recorded_evaluated_and_pruned_as_their_tens
 
 
 def test_a_context_that_depends_on_the_micro_batch_is_recorded_for_each_size():
-    """BLOOM folds the batch into its ALiBi tensor (batch x heads, 1, seqlen); a Llama's context broadcasts."""
+    """BLOOM folds the batch into its ALiBi tensor (batch x heads, 1, seqlen); XGLM checks its mask's batch size."""
     ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
     bloom = get_adapter(tiny_model("bloom"))
     calls = record_block_calls(bloom, ids, rows=(3, 2, 1))
     assert calls[0].kwargs["alibi"].shape == (4, 1, 16)
     assert sorted(calls[0].by_rows) == [2, 3] and calls[0].for_rows(3).kwargs["alibi"].shape == (12, 1, 16)
     assert calls[0].for_rows(1) is calls[0]
+    # a Llama's context broadcasts: for 3 windows it is the one window's tensors, expanded (no memory of its own)
     llama = get_adapter(tiny_model("llama"))
-    assert all(not call.by_rows for call in record_block_calls(llama, ids, rows=(3, 2)))
+    call = record_block_calls(llama, ids, rows=(3,))[0]
+    mask, sized = call.kwargs["attention_mask"], call.for_rows(3).kwargs["attention_mask"]
+    assert mask.shape == (1, 1, 16, 16) and sized.shape == (3, 1, 16, 16) and sized.data_ptr() == mask.data_ptr()
+    one, three = call.kwargs["position_embeddings"], call.for_rows(3).kwargs["position_embeddings"]
+    assert [t.data_ptr() for t in one] == [t.data_ptr() for t in three]
+
+
+class LoopedLlamaModel(LlamaModel):
+    """Runs its blocks twice, as looped (recurrent-depth) models do."""
+
+    def forward(self, input_ids=None, **kwargs):
+        hidden = self.embed_tokens(input_ids)
+        positions = torch.arange(hidden.shape[1])[None]
+        rotary = self.rotary_emb(hidden, positions)
+        for layer in [*self.layers, *self.layers]:
+            hidden = layer(hidden, position_ids=positions, position_embeddings=rotary)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden))
+
+
+class RescalingLlamaModel(LlamaModel):
+    """Changes the hidden states between blocks: running the blocks as a chain would compute another model."""
+
+    def forward(self, input_ids=None, **kwargs):
+        hidden = self.embed_tokens(input_ids)
+        positions = torch.arange(hidden.shape[1])[None]
+        rotary = self.rotary_emb(hidden, positions)
+        for layer in self.layers:
+            hidden = 0.5 * layer(hidden, position_ids=positions, position_embeddings=rotary)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden))
+
+
+@pytest.mark.parametrize(("parent", "message"), [(LoopedLlamaModel, "runs block 0 after block 2"),
+                                                  (RescalingLlamaModel, "changes the hidden states between blocks 0 and 1")])
+def test_a_forward_that_is_not_a_chain_of_blocks_is_refused(tokenizer, parent, message):
+    model = tiny_model("llama")
+    model.model.__class__ = parent
+    config = PruneConfig(model=None, metric="wanda", sparsity=0.5,
+                         calibration=CalibrationConfig(source="embedded", nsamples=2, seqlen=16))
+    with pytest.raises(UnsupportedModelError, match=message):
+        prune(model, config, tokenizer=tokenizer, progress=False)
+    assert all(float((p == 0).float().mean()) < 0.1 for p in model.parameters())  # nothing was pruned
+
+
+@pytest.mark.parametrize("family", ["bloom", "xglm"])
+def test_models_whose_context_depends_on_the_micro_batch_prune_and_evaluate(family, tokenizer):
+    """BLOOM's ALiBi folds the batch into its first dimension; XGLM's attention checks its mask's batch size."""
+    torch.manual_seed(0)
+    config = {"bloom": lambda: transformers.BloomConfig(hidden_size=64, n_layer=3, n_head=4),
+              "xglm": lambda: transformers.XGLMConfig(d_model=64, ffn_dim=128, num_layers=3, attention_heads=4)}[family]()
+    config.vocab_size = VOCAB
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    job = PruneConfig(model=None, metric="sparsegpt", sparsity=0.5,
+                      calibration=CalibrationConfig(source="embedded", nsamples=3, seqlen=16))
+    job.runtime.batch_size = 2  # micro-batches of 2 and 1 windows
+    outcome = prune(model, job, tokenizer=tokenizer, progress=False)
+    assert outcome.report.sparsity["target_met"]
+    windows, _ = eval_windows(tokenizer, embedded_text("evaluation"), 32, 2, "always")
+    device = torch.device("cpu")
+    assert block_major_nlls(model, windows, device, progress=False) == [window_nll(model, w, device) for w in windows]

@@ -17,6 +17,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
+from .errors import UnsupportedModelError
 from .metrics.base import LayerStats
 from .models.adapter import ExpertRef, LinearRef, ModelAdapter
 from .models.experts import Routed, experts_kind
@@ -62,16 +63,19 @@ def _tensors(obj):
             yield from _tensors(item)
 
 
-def _broadcasts(one: list[BlockCall], two: list[BlockCall]) -> bool:
-    """Whether every tensor of the contexts recorded for one window broadcasts to those recorded for two."""
-    for a, b in zip(one, two):
-        left, right = list(_tensors((a.args, a.kwargs))), list(_tensors((b.args, b.kwargs)))
-        if len(left) != len(right):
-            return False
-        for x, y in zip(left, right):
-            if x.dim() != y.dim() or any(i != j and i != 1 for i, j in zip(x.shape, y.shape)):
-                return False
-    return True
+def _sized_like(one, sized):
+    """``sized`` (a context recorded for a micro-batch), with every tensor that broadcasts from its counterpart
+    in ``one`` (recorded for one window) replaced by an expanded view of it: the shapes a block checks, none of
+    the memory."""
+    if isinstance(one, torch.Tensor) and isinstance(sized, torch.Tensor):
+        if one.dim() == sized.dim() and all(i in (j, 1) for i, j in zip(one.shape, sized.shape)):
+            return one.expand(sized.shape)
+        return sized
+    if isinstance(one, (tuple, list)) and type(one) is type(sized) and len(one) == len(sized):
+        return type(one)(_sized_like(a, b) for a, b in zip(one, sized))
+    if isinstance(one, dict) and isinstance(sized, dict) and one.keys() == sized.keys():
+        return {key: _sized_like(one[key], sized[key]) for key in one}
+    return sized
 
 
 def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
@@ -107,72 +111,92 @@ def blocks_return_tuples(adapter: ModelAdapter) -> bool:
 
 
 class _RecordingDone(Exception):
-    """Ends a recording forward: at the last block, or where the parent shows it indexes the blocks' outputs."""
+    """Ends a recording forward where the parent shows that it indexes the blocks' outputs."""
 
 
 def record_block_calls(adapter: ModelAdapter, window: torch.Tensor, rows: Iterable[int] = ()) -> list[BlockCall]:
-    """Record each block's call context during one forward of ``window`` (1 x seqlen ids), and for every
-    micro-batch size in ``rows`` whose context does not broadcast from it (see :class:`BlockCall`).
+    """Record each block's call context during one forward of ``window`` (1 x seqlen ids), and for each
+    micro-batch size in ``rows`` (see :class:`BlockCall`).
 
     The parent computes masks and position embeddings before its block loop, not from the blocks' outputs, so
-    the blocks are bypassed during this forward and it stops at the last block: it costs an embedding lookup,
-    and offloaded blocks never need to reach the device for it. A bypassed block answers with its input; if
-    the next block then receives something else (the parent took ``[0]`` of it), the blocks return tuples, and
-    the recording is done again with bypasses that answer so.
+    the blocks are bypassed during this forward: it costs an embedding lookup and the final norm, and offloaded
+    blocks never need to reach the device for it. A bypassed block answers with its input; if
+    the next block then receives something else of another shape (the parent took ``[0]`` of it), the blocks
+    return tuples, and the recording is done again with bypasses that answer so.
+
+    mrprune runs the blocks as a chain, each block once, on what the one before returned. A model whose
+    forward does otherwise (a looped model that runs blocks again, a parent that changes the hidden states
+    between blocks or unpacks more than them from a block) is refused here, with one line: pruning it
+    block by block would compute something other than the model.
     """
     calls, indexed = _record_block_calls(adapter, window, as_tuple=False)
     if indexed:
         object.__setattr__(adapter.blocks, _TUPLE_OUTPUTS, True)
         calls, _ = _record_block_calls(adapter, window, as_tuple=True)
-    sizes = sorted({r for r in rows if r > 1})
-    if not sizes:
-        return calls
     as_tuple = blocks_return_tuples(adapter)
-    if _broadcasts(calls, _record_block_calls(adapter, window.expand(2, -1), as_tuple)[0]):
-        return calls
-    for size in sizes:
+    for size in sorted({r for r in rows if r > 1}):
         for call, sized in zip(calls, _record_block_calls(adapter, window.expand(size, -1), as_tuple)[0]):
-            call.by_rows[size] = sized
+            call.by_rows[size] = BlockCall(_sized_like(call.args, sized.args), _sized_like(call.kwargs, sized.kwargs))
     return calls
 
 
 def _record_block_calls(adapter: ModelAdapter, window: torch.Tensor, as_tuple: bool) -> tuple[list[BlockCall], bool]:
-    calls: list[BlockCall | None] = [None] * adapter.num_blocks
-    first_shape: torch.Size | None = None
+    """(every block's context, whether the parent indexes the blocks' outputs: then the list is incomplete)."""
+    model = type(adapter.model).__name__
+    calls: list[BlockCall] = []
+    returned: list[torch.Tensor] = []
     indexed = False
 
     def recorder(index: int):
         def hook(module, args, kwargs):
-            nonlocal first_shape, indexed
+            nonlocal indexed
             hidden, rest, kw = _split_hidden(args, kwargs)
-            if index == 0:
-                first_shape = hidden.shape
-            elif not as_tuple and (not torch.is_tensor(hidden) or hidden.shape != first_shape):
-                indexed = True
-                raise _RecordingDone
-            calls[index] = BlockCall(rest, kw)
-            if index == adapter.num_blocks - 1:
-                raise _RecordingDone
+            if index != len(calls):  # the forward runs to its end, so a looped model runs block 0 again
+                raise UnsupportedModelError(
+                    f"{model} runs block {index} after block {len(calls) - 1} (a looped or reordered model): mrprune "
+                    f"prunes models whose forward runs each block once, in order")
+            if index and hidden is not returned[-1]:
+                if not as_tuple and (not torch.is_tensor(hidden) or hidden.shape != returned[-1].shape):
+                    indexed = True
+                    raise _RecordingDone
+                raise UnsupportedModelError(
+                    f"{model} changes the hidden states between blocks {index - 1} and {index}: mrprune prunes "
+                    f"models whose blocks each take what the one before returned")
+            calls.append(BlockCall(rest, kw))
 
         return hook
 
+    def bypass(*args, **kwargs):
+        hidden = pass_through(*args, **kwargs)
+        return (hidden,) if as_tuple else hidden
+
+    def answered(module, args, output):
+        """What the parent receives, after any forward hook a user put on the block (run_block applies those
+        too): registered last, this hook runs last."""
+        returned.append(output[0] if as_tuple else output)
+
     handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(adapter.blocks)]
+    handles += [block.register_forward_hook(answered) for block in adapter.blocks]
     for block in adapter.blocks:
-        block.forward = pass_through_as_tuple if as_tuple else pass_through
+        block.forward = bypass
     try:
         with torch.inference_mode():
             adapter.base_model(input_ids=window.to(adapter.input_device()), use_cache=False)
     except _RecordingDone:
         pass
+    except (ValueError, TypeError, IndexError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(
+            f"{model}'s forward fails with its blocks bypassed ({reason}): mrprune prunes models whose blocks pass "
+            f"one tensor of hidden states from each to the next") from None
     finally:
         for block in adapter.blocks:
             del block.forward
         for handle in handles:
             handle.remove()
-    missing = [i for i, call in enumerate(calls) if call is None]
-    if missing and not indexed:
-        raise RuntimeError(f"blocks {missing} were never called by the model's forward")
-    return calls, indexed  # type: ignore[return-value]
+    if len(calls) < adapter.num_blocks and not indexed:
+        raise RuntimeError(f"blocks {list(range(len(calls), adapter.num_blocks))} were never called by the model's forward")
+    return calls, indexed
 
 
 class _FirstBlockReached(Exception):
@@ -240,7 +264,7 @@ def run_block(
             chunk = hidden[start : start + batch_size].to(device, non_blocking=True)
             context = call.for_rows(chunk.shape[0])
             out = block(chunk, *context.args, **context.kwargs)
-            if isinstance(out, tuple):
+            if isinstance(out, (tuple, list)):  # transformers 4 style; OpenAI GPT's blocks return lists
                 out = out[0]
             if write_back:
                 finite &= torch.isfinite(out).all()

@@ -118,7 +118,7 @@ def full_pass_statistics(run, dense_weights=None):
             for ref in layers:
                 ref.set_weight(dense_weights[ref.name])
         with StatsCollector(layers, True, False) as collector:
-            run_block(block, acts.calls[index], acts.hidden, 2, pruner.device, write_back=False)
+            run_block(block, acts.calls[index], acts.hidden, pruner.batch_size, pruner.device, write_back=False)
         stats.update({name: s.sq_norm for name, s in collector.result().items()})
         for ref in layers:
             ref.set_weight(current[ref.name])

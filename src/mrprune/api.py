@@ -256,12 +256,13 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
         if config.evaluate:
             e = config.evaluation
             eval_corpus = load_eval_text(e.text)
-            eval_windows(tokenizer, eval_corpus.text, e.seqlen, e.max_windows, e.bos,  # too short: fail now
+            eval_windows(tokenizer, eval_corpus.text or "", e.seqlen, e.max_windows, e.bos,  # too short: fail now
                          getattr(getattr(target.model, "config", None), "model_type", None))
 
     # 3. what the model's shape decides: pattern, allocation, output and checkpoint room, memory
     shaped = target.model
     if shaped is None:
+        assert target.source is not None
         with timer.phase("load"):
             shaped = skeleton(target.source, target.dtype, r.trust_remote_code)
     checkpoint = None
@@ -271,6 +272,7 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
 
     # 4. the weights
     if target.model is None:
+        assert target.source is not None
         with timer.phase("load"):
             target.model = load_weights(target.source, target.dtype, r.trust_remote_code, r.allow_pickle)
     model = target.model
@@ -319,7 +321,7 @@ def _preflight(config: PruneConfig, target: _Target, shaped: torch.nn.Module, al
             check_disk(checkpoint.directory, checkpoint_bytes, "the checkpoint",
                        "the pruned decoder weights + 10%, and the activations twice")
     if r.offload_dir is not None:
-        _check_offload_room(config, shape, linear_bytes, checkpoint_bytes)
+        _check_offload_room(config, r.offload_dir, shape, linear_bytes, checkpoint_bytes)
     if r.preflight:
         resident = None
         if target.model is not None:
@@ -330,7 +332,7 @@ def _preflight(config: PruneConfig, target: _Target, shaped: torch.nn.Module, al
     return checkpoint
 
 
-def _check_offload_room(config: PruneConfig, shape: preflight.ModelShape, linear_bytes: int,
+def _check_offload_room(config: PruneConfig, offload_dir: str, shape: preflight.ModelShape, linear_bytes: int,
                         checkpoint_bytes: int) -> None:
     """--offload-dir holds every block once pruned, and exact MRP's dense copy of the linear layers; the export
     and a new checkpoint are written while the scratch files live, so on a shared filesystem it needs room for
@@ -341,7 +343,7 @@ def _check_offload_room(config: PruneConfig, shape: preflight.ModelShape, linear
         blocks += linear_bytes
         detail += " and exact MRP's dense copy of them"
     needed = int(blocks * 1.02)
-    scratch = existing_ancestor(Path(config.runtime.offload_dir).expanduser().resolve())
+    scratch = existing_ancestor(Path(offload_dir).expanduser().resolve())
     others = {"the export": (config.output, export_bytes(shape.parameters, shape.dtype_size)),
               "the checkpoint": (config.runtime.checkpoint_dir, checkpoint_bytes)}
     try:
@@ -387,6 +389,7 @@ def _prune_with(config: PruneConfig, target: _Target, adapter: ModelAdapter, met
                 calib_ids, eval_corpus, zeroshot_tasks, device: torch.device, timer: PhaseTimer, progress: bool,
                 checkpoint: Checkpoint | None, spill: SpillStore | None) -> PruneOutcome:
     model, tokenizer = target.model, target.tokenizer
+    assert model is not None
     offload = config.runtime.offloads
     runner = SequentialPruner(
         adapter, metric, pattern, device, config.runtime.batch_size, offload,
@@ -405,7 +408,7 @@ def _prune_with(config: PruneConfig, target: _Target, adapter: ModelAdapter, met
     try:  # closed whatever happens: no block copy may stay on the device
         dense_stats = runner.observe(calib_ids) if allocator.needs_calibration else None
         ctx = AllocationContext(adapter, resolve_target(config, runner.pattern), config.allocation.granularity,
-                                config, dense_stats=lambda: dense_stats)
+                                config, dense_stats=None if dense_stats is None else lambda: dense_stats)
         if isinstance(allocator, IterativeAllocator):
             allocation, records = allocator.prune(ctx, runner, calib_ids)
         else:

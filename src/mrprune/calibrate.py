@@ -238,7 +238,7 @@ def capture_block_inputs(
                     pass
     finally:
         handle.remove()
-    if position != input_ids.shape[0]:
+    if hidden is None or position != input_ids.shape[0]:
         raise RuntimeError(f"captured the inputs of {position} of {input_ids.shape[0]} calibration windows")
     return hidden, bool(finite)  # reading the flag waits for the device, so every copy has landed
 
@@ -319,7 +319,9 @@ def routed_inputs(experts: nn.Module, args: tuple, kwargs: dict, hidden_inputs: 
     routes tokens to; the second input only with ``hidden_inputs``. The call's own arguments give the tokens;
     the down projection's input is recomputed from the expert's weights with the module's own gate or
     activation (e.g. GPT-OSS's clamped SwiGLU), as the module's convention (:mod:`.models.experts`) says."""
-    return experts_kind(experts).routed_inputs(experts, args, kwargs, hidden_inputs)
+    kind = experts_kind(experts)
+    assert kind is not None
+    return kind.routed_inputs(experts, args, kwargs, hidden_inputs)
 
 
 class StatsCollector:

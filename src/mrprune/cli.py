@@ -296,7 +296,7 @@ def _add_loading_flags(parser: argparse.ArgumentParser, default: bool | None = F
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mrprune", description="Prune Hugging Face causal LMs with layerwise sparsity allocation.")
     parser.add_argument("--version", action="version", version=f"mrprune {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings; no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import json
+import operator
 import os
 import re
 import types
@@ -166,7 +166,7 @@ class PruneConfig:
         check_choice("metric", self.metric, METRICS)
         check_choice("allocation.method", self.allocation.method, ALLOCATORS)
         for path, choices in CHOICES.items():
-            check_choice(path, functools.reduce(getattr, path.split("."), self), choices)
+            check_choice(path, operator.attrgetter(path)(self), choices)
         pattern = SparsityPattern.parse(self.pattern)
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
@@ -203,7 +203,7 @@ def _check_types(config: Any, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value, hint, path = getattr(config, f.name), hints[f.name], f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             if not isinstance(value, hint):
                 raise ConfigError(f"config key '{path}' expects {hint.__name__}, got {type(value).__name__} "
                                   f"(build it with {hint.__name__}(...), or set keys with mrprune.config.merge)")
@@ -323,7 +323,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return from_dict(hint, value, prefix=f"{path}.")
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):

@@ -166,7 +166,8 @@ def sample_calibration(corpus: Corpus, tokenizer, nsamples: int, seqlen: int, se
 
 class _LazyEncoding:
     def __init__(self, tokenizer, documents: list[str]):
-        self.tokenizer, self.documents, self.cache = tokenizer, documents, {}
+        self.tokenizer, self.documents = tokenizer, documents
+        self.cache: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
         return len(self.documents)
@@ -197,8 +198,10 @@ def _sample_documents(rng: random.Random, encoded, nsamples: int, seqlen: int) -
 def load_eval_text(source: str | None, column: str = "text") -> Corpus:
     """Evaluation text as one running string (documents joined with blank lines)."""
     corpus = read_corpus(source, "evaluation", column)
-    if corpus.text is None:
-        corpus = Corpus(corpus.name, text="\n\n".join(corpus.documents or []))
-    if not corpus.text.strip():
+    text = corpus.text
+    if text is None:
+        text = "\n\n".join(corpus.documents or [])
+        corpus = Corpus(corpus.name, text=text)
+    if not text.strip():
         raise DataError(f"evaluation text {corpus.name} is empty")
     return corpus

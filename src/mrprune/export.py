@@ -62,7 +62,7 @@ def input_paths(*models) -> list[Path]:
         if model is None:
             continue
         if isinstance(model, (str, Path)):
-            path = Path(model).expanduser()
+            path: Path | None = Path(model).expanduser()
         else:
             name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
             path = Path(name) if name else None

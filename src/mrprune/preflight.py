@@ -37,6 +37,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -44,6 +45,9 @@ from torch import nn
 from .errors import ResourceError
 from .evaluate.blockwise import CHUNK_BYTES
 from .models.adapter import ExpertRef, ModelAdapter
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +103,8 @@ class ModelShape:
         for block in adapter.blocks:
             block_sizes.append(sum(size(p) for p in block.parameters()) + sum(size(b) for b in block.buffers()))
         in_blocks = sum(block_sizes)
-        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = cast("PreTrainedConfig", model.config)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
         refs = adapter.all_linear_layers()
         largest_block = max(range(adapter.num_blocks), key=lambda i: block_sizes[i])
         groups: dict[tuple[str, int], int] = {}
@@ -213,7 +218,9 @@ def estimate(shape: ModelShape, plan: RunPlan, free: dict[str, int | None] | Non
     cuda = plan.device.type == "cuda"
     compute = "device" if cuda else "host"
     store = "host" if plan.offload_activations or not cuda else "device"
-    pools: dict[str, dict[str, int]] = {"host": {}} | ({"device": {}} if cuda else {})
+    pools: dict[str, dict[str, int]] = {"host": {}}
+    if cuda:
+        pools["device"] = {}
 
     # the model, for the whole run: on the device all of it (with offload the outside parts, the block at work
     # and the next one on its way, all blocks on the host); weights already where they will stay are in use
@@ -242,8 +249,8 @@ def estimate(shape: ModelShape, plan: RunPlan, free: dict[str, int | None] | Non
         if plan.mrp_stride is not None:
             stride = plan.mrp_stride or 1
             cache = math.ceil(shape.num_blocks / stride) * acts + acts  # cached block inputs + working copy
-            if not plan.mrp_stride and free.get(store):
-                cache = min(cache, int(MRP_CACHE_FRACTION * free[store]) + acts)
+            if not plan.mrp_stride and (room := free.get(store)):
+                cache = min(cache, int(MRP_CACHE_FRACTION * room) + acts)
         kept, accumulating = statistics_bytes(shape, plan)
         block_turn = {store: {"activations": acts}}
         if cache:
@@ -398,9 +405,9 @@ def check(est: Estimate, free: dict[str, int | None], plan: RunPlan) -> None:
             f"{gib(available)} is free; {advice} --no-preflight to run anyway"
         )
     for pool in ("device", "host"):
-        if pool in est.pools and free.get(pool) is not None:
+        if pool in est.pools and (room := free.get(pool)) is not None:
             log.info("memory preflight (%s): about %s of %s free (%s)", pool, gib(est.total(pool)),
-                     gib(free[pool]), est.describe(pool))
+                     gib(room), est.describe(pool))
 
 
 def _join(items: list[str]) -> str:

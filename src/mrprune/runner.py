@@ -32,7 +32,7 @@ class LayerRecord:
 
     name: str
     block: int
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     target: float
     zeros: int
     numel: int
@@ -106,12 +106,14 @@ class SequentialPruner:
     def resume(self, input_ids: torch.Tensor) -> Activations:
         """The saved activations entering the checkpoint's next block, with freshly recorded call contexts
         (they depend on the token positions only, not on the block weights)."""
+        ckpt = self.checkpoint
+        assert ckpt is not None and ckpt.progress is not None
         with self.timer.phase("capture"):
             calls = self.record_calls(input_ids)
-            hidden = self.checkpoint.load_activations().to(self.store, self.dtype)
+            hidden = ckpt.load_activations().to(self.store, self.dtype)
             if self.store.type == "cpu" and self.device.type == "cuda":
                 hidden = hidden.pin_memory()
-        return Activations(hidden, calls, int(self.checkpoint.progress["next_block"]))
+        return Activations(hidden, calls, int(ckpt.progress["next_block"]))
 
     def _block_on_device(self, index: int):
         if self.offload:
@@ -269,6 +271,7 @@ class SequentialPruner:
         ckpt = self.checkpoint
         if ckpt is None or not ckpt.resuming:
             return 0, []
+        assert ckpt.progress is not None
         self.close()  # no block copy in flight while the host weights are rewritten
         with self.timer.phase("resume"):
             ckpt.restore_weights(self.adapter, before_write=self.mover.prepare_host_write)
@@ -309,6 +312,7 @@ class SequentialPruner:
         start, records = self.restore()
         if start >= self.adapter.num_blocks:
             return records
+        assert input_ids is not None
         acts = self.resume(input_ids) if start else self.capture(input_ids)
         blocks = range(start, self.adapter.num_blocks)
         for index in tqdm(blocks, desc=f"pruning ({self.metric.name})", unit="block", disable=not self.progress):

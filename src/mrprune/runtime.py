@@ -9,6 +9,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -90,7 +91,7 @@ def move_own_tensors(module: nn.Module, device: torch.device | dict[str, torch.d
             if is_param:
                 tensor.data = tensor.data.to(target)
             else:
-                store[key] = tensor.to(target)
+                module._buffers[key] = tensor.to(target)
 
 
 def move_outside(model: nn.Module, prefix: str, device: torch.device) -> None:
@@ -117,12 +118,15 @@ class _Slot:
     is_param: bool
     host: torch.Tensor
 
+    def _param(self) -> nn.Parameter:
+        return cast(nn.Parameter, self.module._parameters[self.key])
+
     def current(self) -> torch.Tensor:
-        return self.module._parameters[self.key].data if self.is_param else self.module._buffers[self.key]
+        return self._param().data if self.is_param else cast(torch.Tensor, self.module._buffers[self.key])
 
     def install(self, tensor: torch.Tensor) -> None:
         if self.is_param:
-            self.module._parameters[self.key].data = tensor
+            self._param().data = tensor
         else:
             self.module._buffers[self.key] = tensor
 
@@ -220,7 +224,7 @@ class BlockMover:
 
     # ------------------------------------------------------------------------------------------- prefetch
     def _start_prefetch(self, index: int) -> None:
-        if not self.prefetch:
+        if self._stream is None:
             return
         if index >= len(self.blocks):
             if not self.wrap:
@@ -278,6 +282,7 @@ class _Prefetch:
         self.join()
         if self._error is not None:
             raise self._error
+        assert self._copies is not None
         return self._copies
 
 

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..metrics.base import LayerStats
+from ..metrics.base import LayerStats, sq_norms
 from ..models.adapter import LinearRef
 from ..redundancy import UnitCounts, layer_counts, spread, thresholds
 from ..runner import Activations, LayerRecord, SequentialPruner
@@ -145,9 +145,12 @@ class MrpRun:
     """One MRP job: owns the checkpoints, the current redundancy statistics and the iteration trace."""
 
     def __init__(self, options, ctx: AllocationContext, pruner: SequentialPruner, input_ids: torch.Tensor):
+        if ctx.dense_stats is None:
+            raise ValueError("MRP needs the dense model's calibration statistics (ctx.dense_stats)")
         self.opt = options
         self.stride = options.checkpoint_stride
         self.ctx = ctx
+        self.dense_stats = ctx.dense_stats
         self.pruner = pruner
         self.adapter = ctx.adapter
         self.input_ids = input_ids
@@ -169,7 +172,7 @@ class MrpRun:
 
     # ---------------------------------------------------------------------------------------- redundancy
     def dense_thresholds(self) -> list[float]:
-        norms = {name: stats.sq_norm for name, stats in self.ctx.dense_stats().items()}
+        norms = sq_norms(self.dense_stats())
         counts = per_unit_on_device(self.pruner, self.units, lambda u: unit_counts(u, norms, None))
         return thresholds(counts, self.opt.m)
 
@@ -190,7 +193,7 @@ class MrpRun:
         return [self._count(u).non_outlier_ratio for u in self.units]
 
     def _remember(self, stats: dict[str, LayerStats]) -> None:
-        self.sq_norm.update({name: s.sq_norm for name, s in stats.items()})
+        self.sq_norm.update(sq_norms(stats))
         self.tokens.update({name: s.tokens for name, s in stats.items()})
         for block in {self.block_of[name] for name in stats}:
             self._forget_counts(block)
@@ -302,6 +305,7 @@ class MrpRun:
         """Continue a checkpointed run: restore its weights (and trace); statistics are recomputed from block 0
         by the next refresh, exactly as an uninterrupted run computed them."""
         ckpt = self.pruner.checkpoint
+        assert ckpt is not None and ckpt.progress is not None
         if ckpt.stage() == "mrp-start":
             self.uniform_start(resume=True)
             return
@@ -323,6 +327,7 @@ class MrpRun:
         if resume:
             first, _ = pruner.restore()
             if 0 < first < self.adapter.num_blocks:
+                assert pruner.checkpoint is not None
                 hidden = pruner.checkpoint.load_activations().to(acts.hidden.device, acts.hidden.dtype)
                 acts = Activations(hidden, self.calls, first)
         start = Allocation.from_blocks("uniform", self.adapter, [self.s0] * self.adapter.num_blocks, self.s0)

@@ -30,6 +30,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
+from ..metrics.base import sq_norms
 from ..redundancy import RedundancyCurve, equalize, row_outlier_counts, spread, thresholds
 from ..runner import LayerRecord, SequentialPruner
 from .base import Allocation, AllocationContext, IterativeAllocator
@@ -48,8 +49,11 @@ def unit_curve(unit: Unit, sq_norms: dict[str, torch.Tensor], tau: float) -> Red
 
 class FastMrpRun:
     def __init__(self, options, ctx: AllocationContext, pruner: SequentialPruner, input_ids: torch.Tensor):
+        if ctx.dense_stats is None:
+            raise ValueError("MRP needs the dense model's calibration statistics (ctx.dense_stats)")
         self.opt = options
         self.ctx = ctx
+        self.dense_stats = ctx.dense_stats
         self.pruner = pruner
         self.adapter = ctx.adapter
         self.input_ids = input_ids
@@ -80,6 +84,7 @@ class FastMrpRun:
         drift_true = drift_dense = 0.0
         final_ratios = [0.0] * len(self.units)
         if start:
+            assert pruner.checkpoint is not None and pruner.checkpoint.progress is not None
             state = pruner.checkpoint.progress["state"]
             done, drift_true, drift_dense = state["done"], state["drift_true"], state["drift_dense"]
             fixed = {int(k): v for k, v in state["fixed"].items()}
@@ -88,7 +93,7 @@ class FastMrpRun:
         if start >= self.adapter.num_blocks:
             return self.result(final_ratios)
         acts = pruner.resume(self.input_ids) if start else pruner.capture(self.input_ids)
-        dense_stats = self.ctx.dense_stats() if self.nested else {}
+        dense_stats = self.dense_stats() if self.nested else {}
         for block in tqdm(range(start, self.adapter.num_blocks), desc=f"fast MRP ({pruner.metric.name})",
                           unit="block", disable=not pruner.progress):
             units = self.by_block[block]
@@ -96,7 +101,7 @@ class FastMrpRun:
             pruner._block_on_device(block)
             try:
                 stats = pruner.collect_stats(acts, layers, sq_norm=True)
-                current = {name: s.sq_norm for name, s in stats.items()}
+                current = sq_norms(stats)
                 with pruner.timer.phase("masks"):
                     for unit in units:
                         curves[unit.index] = unit_curve(unit, current, self.tau[unit.index])
@@ -127,7 +132,7 @@ class FastMrpRun:
                     pruned_norms = current
                 else:
                     after = pruner.advance(acts, observe=True)
-                    pruned_norms = {name: s.sq_norm for name, s in after.items()}
+                    pruned_norms = sq_norms(after)
                 for unit in units:
                     final_ratios[unit.index] = unit_counts(unit, pruned_norms, self.tau[unit.index]).non_outlier_ratio
             finally:
@@ -139,7 +144,7 @@ class FastMrpRun:
 
     def dense_curves(self) -> list[RedundancyCurve]:
         """Every unit's curve on the dense model (the dense pass's statistics), setting the thresholds tau."""
-        dense = {name: stats.sq_norm for name, stats in self.ctx.dense_stats().items()}
+        dense = sq_norms(self.dense_stats())
         with self.pruner.timer.phase("masks"):
             def dense_curve(unit: Unit) -> tuple[float, RedundancyCurve]:
                 tau = thresholds([unit_counts(unit, dense, None)], self.opt.m)[0]
@@ -154,6 +159,7 @@ class FastMrpRun:
         checkpoint, so a resumed run plans with the very same curves."""
         ckpt = self.pruner.checkpoint
         if start:
+            assert ckpt is not None
             saved = ckpt.load_tensors(PILOT_FILE)
             return [RedundancyCurve([(saved[f"{unit.index}.{j}"], ref.in_features)
                                      for j, ref in enumerate(unit.layers)]) for unit in self.units]
@@ -182,7 +188,7 @@ class FastMrpRun:
             try:
                 stats = pruner.collect_stats(acts, layers, sq_norm=True)
                 with pruner.timer.phase("masks"):
-                    norms = {name: s.sq_norm for name, s in stats.items()}
+                    norms = sq_norms(stats)
                     for unit in self.by_block[block]:
                         curves[unit.index] = unit_curve(unit, norms, self.tau[unit.index])
                     pilot_weights = {}

@@ -241,6 +241,7 @@ def allocation_analysis(
     if evaluate:
         settings["evaluation"] = {k: v for k, v in asdict(config.evaluation).items()
                                   if k in ("text", "seqlen", "max_windows", "bos")}
+    assert reference.taus is not None and reference.dense_ratios is not None
     result = AllocationResult(job.source, config.metric, target, m, reference.taus, reference.dense_ratios, outcomes,
                               settings, dense_ppl, {"total": round(time.perf_counter() - start, 3)})
     if out is not None:

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,6 +30,7 @@ from ..export import (
     write_json,
 )
 from ..metrics import build_metric
+from ..metrics.base import sq_norms
 from ..metrics.pattern import SparsityPattern
 from ..models.adapter import LinearRef, ModelAdapter, declared_num_layers, get_adapter
 from ..models.loading import open_source, resolve_device
@@ -45,7 +47,7 @@ _NO_ZEROSHOT = {"evaluation.tasks": None, "evaluation.limit": None, "evaluation.
 
 def analysis_config(config: PruneConfig | None, zeroshot: bool = False) -> PruneConfig:
     """A validated copy of ``config`` without export and built-in evaluation (and zero-shot unless asked)."""
-    overrides = dict(_NO_JOB_OUTPUT)
+    overrides: dict[str, Any] = dict(_NO_JOB_OUTPUT)
     if not zeroshot:
         overrides.update(_NO_ZEROSHOT)
     return merge(config or PruneConfig(), overrides).validate()
@@ -137,7 +139,7 @@ class Job:
         if self.config.allocation.mrp.activations != "dense-block":
             dense_weights = None
         stats = self.pruner(progress=progress).observe(input_ids, dense_weights)
-        return {name: s.sq_norm for name, s in stats.items()}
+        return sq_norms(stats)
 
 
 def load_job(model, tokenizer, config: PruneConfig, need_tokenizer: bool = True) -> Job:
@@ -194,7 +196,7 @@ def declared_blocks(model, config: PruneConfig) -> int | None:
                                    r.allow_pickle).config)
 
 
-def layout(adapter: ModelAdapter) -> list[list[tuple[str, tuple[int, int]]]]:
+def layout(adapter: ModelAdapter) -> list[list[tuple[str, tuple[int, ...]]]]:
     """Per block, the linear layers' short names and shapes: what 'the same architecture' means here."""
     return [[(ref.short_name, tuple(ref.weight.shape)) for ref in adapter.linear_layers(i)]
             for i in range(adapter.num_blocks)]
@@ -271,7 +273,10 @@ def json_writer(data) -> Callable[[Path], None]:
 
 
 def text_writer(text: str) -> Callable[[Path], None]:
-    return lambda path: path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    def write(path: Path) -> None:
+        path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+
+    return write
 
 
 # ------------------------------------------------------------------------------------------------- format

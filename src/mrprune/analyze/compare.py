@@ -195,14 +195,14 @@ def compare(
     reference = DenseReference(job, ids, config.allocation.mrp.m, progress)
     e = config.evaluation
 
-    def zeroshot() -> zs.ZeroShotResult:
+    def zeroshot(tasks: zs.ZeroShotTasks) -> zs.ZeroShotResult:
         return zs.evaluate_zeroshot(job.model, job.tokenizer, tasks, e.limit, e.num_fewshot, e.batch_size,
                                     offload=config.runtime.offload)
 
     dense = job.perplexity(corpus, progress)
     log.info("dense %s", dense)
-    dense_zs = zeroshot() if tasks is not None else None
-    cells = []
+    dense_zs = zeroshot(tasks) if tasks is not None else None
+    cells: list[Cell] = []
     total = len(alloc_names) * len(configs)
     try:
         for (metric, sparsity), by_alloc in configs.items():
@@ -212,7 +212,7 @@ def compare(
                 report = reference.prune(cell_config).report
                 ppl = job.perplexity(corpus).perplexity
                 ratios = reference.ratios() if redundancy else None
-                scores = _scores(zeroshot()) if tasks is not None else None
+                scores = _scores(zeroshot(tasks)) if tasks is not None else None
                 cells.append(Cell(allocation, metric, sparsity, ppl, report.sparsity["achieved"],
                                   report.sparsity["target_met"], [b["sparsity"] for b in report.blocks],
                                   spread(ratios) if ratios is not None else None, scores,

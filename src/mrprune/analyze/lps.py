@@ -302,7 +302,10 @@ def sweep(job: common.Job, metrics: Sequence[str], sparsity: float, pattern: Spa
     first = next(iter(pruners.values()))
     want_sq = any(p.metric.needs_sq_norm for p in pruners.values())
     want_h = any(p.metric.needs_hessian for p in pruners.values())
-    acts = first.capture(input_ids) if (want_sq or want_h) else None
+    acts = None
+    if want_sq or want_h:
+        assert input_ids is not None
+        acts = first.capture(input_ids)
     wanted = set(blocks)
     values: dict[str, list] = {name: [] for name in metrics}
     achieved: dict[str, list[float]] = {name: [] for name in metrics}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..errors import OutputError
@@ -139,7 +139,7 @@ def allocation_plot(path: Path, sparsities: dict[str, Sequence[float]], ratios: 
     _save(fig, path)
 
 
-def compare_plot(path: Path, sparsities: Sequence[float], series: dict[str, dict[str, Sequence[float]]],
+def compare_plot(path: Path, sparsities: Sequence[float], series: Mapping[str, Mapping[str, Sequence[float]]],
                  dense: float, title: str, subtitle: str) -> None:
     """One panel per metric: x sparsity, y perplexity, one line per allocation; dense as a dotted line."""
     metrics = list(series)

@@ -30,7 +30,7 @@ import torch
 from ..config import PruneConfig
 from ..errors import ConfigError
 from ..export import input_paths
-from ..models.adapter import ModelAdapter
+from ..models.adapter import ModelAdapter, embedding_table
 from ..redundancy import UnitCounts, layer_counts, spread, thresholds
 from ..runtime import keeps_placement
 from . import common, plots
@@ -209,13 +209,13 @@ def redundancy_profile(
         taus = dense_thresholds(job.adapter, job.observe(ids, progress), m)
         dense_weights = common.snapshot(job.adapter.all_linear_layers(), "cpu")
         dense_layout = common.layout(job.adapter)
-        dense_vocab = job.model.get_input_embeddings().weight.shape[0]
+        dense_vocab = embedding_table(job.model).shape[0]
         del job
         gc.collect()
     job = common.load_job(model, tokenizer, config)
     if dense_layout is not None:
         _check_same_architecture(dense_layout, common.layout(job.adapter), dense_vocab,
-                                 job.model.get_input_embeddings().weight.shape[0])
+                                 embedding_table(job.model).shape[0])
     if ids is None:
         ids = common.calibration_ids(config, job.tokenizer, calibration)
     sq_norms = job.observe(ids, progress, dense_weights=dense_weights)

@@ -12,6 +12,7 @@ those of the per-input order.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -27,12 +28,15 @@ from ..calibrate import (
 from ..models.adapter import ModelAdapter, get_adapter
 from ..runtime import BlockMover
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
+
 #: device memory for the hidden states of the inputs that go through the blocks together
 CHUNK_BYTES = 2 << 30
 
 
 def hidden_size(model: nn.Module) -> int:
-    config = model.config
+    config = cast("PreTrainedConfig", model.config)
     return (config.get_text_config() if hasattr(config, "get_text_config") else config).hidden_size
 
 

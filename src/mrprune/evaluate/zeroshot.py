@@ -192,12 +192,13 @@ def plan_tasks(tasks: str | Sequence[str], task_data: str | Path | None = None) 
         folder = Path(task_data).expanduser()
         if not folder.is_dir():
             raise DataError(f"--task-data {task_data} is not a folder")
-    plans, hub_only = [], []
+    plans: list[TaskPlan] = []
+    hub_only: list[str] = []
     for name in parse_tasks(tasks):
         base = name.removesuffix(LOCAL_SUFFIX)
         local = LOCAL_TASKS.get(base)
         source = local.find(folder) if local is not None and folder is not None else None
-        if source is not None:
+        if local is not None and source is not None:
             if all(p.lm_eval_task != local.local_name for p in plans):  # rte and rte_local: one run
                 plans.append(TaskPlan(base, local.local_name, source))
         elif local is not None and name != base:

@@ -29,6 +29,16 @@ class LayerStats:
     derived: dict = field(default_factory=dict, repr=False)
 
 
+def sq_norms(stats: dict[str, LayerStats]) -> dict[str, torch.Tensor]:
+    """Every layer's ``sq_norm``, of statistics collected with it."""
+    norms: dict[str, torch.Tensor] = {}
+    for name, layer in stats.items():
+        if layer.sq_norm is None:
+            raise ValueError(f"no input statistics (sq_norm) for layer {name}")
+        norms[name] = layer.sq_norm
+    return norms
+
+
 @dataclass
 class PruneResult:
     """New float32 weight (pruned weights are exact zeros) and the mask that produced it."""

@@ -95,6 +95,7 @@ def sparsegpt_prune(
             raise PatternError(f"pattern {pattern} needs in_features divisible by {pattern.m}, got {cols}")
         blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
     if inverse is None:
+        assert hessian is not None
         inverse = invert_hessian(hessian, percdamp, W.device)
     hinv, damp = inverse.upper, inverse.damp
     W[:, inverse.dead] = 0.0
@@ -215,6 +216,7 @@ class SparseGPT(PruningMetric):
             return prune_unseen(weight, stats, sparsity, pattern, forced)
         key = ("sparsegpt inverse", self.percdamp, weight.device)
         if key not in stats.derived:  # q/k/v and gate/up share their statistics, hence this
+            assert stats.hessian is not None
             stats.derived[key] = invert_hessian(stats.hessian, self.percdamp, weight.device)
         new, mask, damp = sparsegpt_prune(
             weight, None, sparsity, pattern, self.blocksize, self.percdamp, forced, inverse=stats.derived[key]

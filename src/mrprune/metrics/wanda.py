@@ -21,5 +21,6 @@ class Wanda(PruningMetric):
     def prune(self, weight, stats: LayerStats, sparsity: float, pattern: SparsityPattern, forced=None) -> PruneResult:
         if stats.unseen:
             return prune_unseen(weight, stats, sparsity, pattern, forced)
+        assert stats.sq_norm is not None
         mask = select_mask(wanda_scores(weight, stats.sq_norm), sparsity, pattern, group="row", forced=forced)
         return PruneResult(weight.masked_fill(mask, 0.0), mask)

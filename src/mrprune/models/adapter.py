@@ -14,7 +14,8 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -23,9 +24,16 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import ConfigError, UnsupportedModelError
 from .experts import ExpertsKind, experts_kind
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedModel
+
 log = logging.getLogger(__name__)
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def _weight(module: nn.Module) -> nn.Parameter:
+    return cast(nn.Parameter, module.weight)
 
 
 @dataclass
@@ -44,7 +52,7 @@ class LinearRef:
     @property
     def weight(self) -> torch.Tensor:
         """The weight as (out, in); for Conv1D a transposed view, so in-place edits reach the module."""
-        w = self.module.weight.data
+        w = _weight(self.module).data
         return w.t() if self.transposed else w
 
     @property
@@ -57,7 +65,7 @@ class LinearRef:
 
     @property
     def numel(self) -> int:
-        return self.module.weight.numel()
+        return _weight(self.module).numel()
 
     def set_weight(self, new: torch.Tensor) -> None:
         """Write an (out, in) matrix back into the module, in the module's dtype and device."""
@@ -66,15 +74,15 @@ class LinearRef:
     def swap_weight(self, new: torch.Tensor) -> torch.Tensor:
         """Give the module the (out, in) matrix ``new`` (in its dtype and device) as a tensor of its own, without
         writing into the current one; returns the current storage tensor, for :func:`restore_weights`."""
-        old = self.module.weight.data
+        old = _weight(self.module).data
         new = new.to(old.dtype).to(old.device, non_blocking=True)
-        self.module.weight.data = new.t().contiguous() if self.transposed else new
+        _weight(self.module).data = new.t().contiguous() if self.transposed else new
         return old
 
     @property
     def stored(self) -> torch.Tensor:
         """The weight as the model stores it (what a checkpoint saves and restores)."""
-        return self.module.weight.data
+        return _weight(self.module).data
 
 
 @dataclass
@@ -82,11 +90,11 @@ class ExpertRef(LinearRef):
     """One expert's matrix inside a fused experts module's 3-D parameter ``param`` (experts x out x in, or
     experts x in x out when its ``kind`` says the module stores them transposed). Named
     ``...experts.<expert>.<param>``, the way per-expert modules are named, so that layers fed the same input
-    group by their parent's name. (``kind`` has a default only because the fields before it do.)"""
+    group by their parent's name. (``kind`` is keyword-only: the fields before it have defaults.)"""
 
     param: str = "down_proj"
     expert: int = 0
-    kind: ExpertsKind | None = None
+    kind: ExpertsKind = field(kw_only=True)
 
     @property
     def transposed(self) -> bool:
@@ -119,7 +127,7 @@ def swap_weights(refs: list[LinearRef], weights: dict[str, torch.Tensor]) -> lis
         if isinstance(ref, ExpertRef):
             fused.setdefault((id(ref.module), ref.param), []).append(ref)
         else:
-            swapped.append((ref.module.weight, ref.swap_weight(weights[ref.name])))
+            swapped.append((_weight(ref.module), ref.swap_weight(weights[ref.name])))
     for experts in fused.values():
         param = getattr(experts[0].module, experts[0].param)
         old = param.data
@@ -190,7 +198,7 @@ class ModelAdapter:
     # ----------------------------------------------------------------------------------------------- access
     @property
     def family(self) -> str:
-        return self.model.config.model_type
+        return cast("PreTrainedConfig", self.model.config).model_type
 
     @property
     def num_blocks(self) -> int:
@@ -199,7 +207,7 @@ class ModelAdapter:
     @property
     def base_model(self) -> nn.Module:
         """The module whose forward runs embeddings, blocks and final norm, without the LM head."""
-        return self.model.base_model
+        return cast("PreTrainedModel", self.model).base_model
 
     def linear_layers(self, index: int) -> list[LinearRef]:
         """The prunable layers of block ``index`` in module order: its linear modules, except the routers of
@@ -221,8 +229,9 @@ class ModelAdapter:
                 refs.append(LinearRef(f"{prefix}.{name}", name, index, module))
             elif name in experts:
                 kind = experts_kind(module)
-                for e in range(module._parameters["down_proj"].shape[0]):
-                    refs += [ExpertRef(f"{prefix}.{name}.{e}.{p}", f"{name}.{e}.{p}", index, module, p, e, kind)
+                assert kind is not None
+                for e in range(_expert_count(module)):
+                    refs += [ExpertRef(f"{prefix}.{name}.{e}.{p}", f"{name}.{e}.{p}", index, module, p, e, kind=kind)
                              for p in kind.params(module)]
         return refs
 
@@ -240,11 +249,20 @@ class ModelAdapter:
         return [sum(ref.numel for ref in self.linear_layers(i)) for i in range(self.num_blocks)]
 
     def input_device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        return embedding_table(self.model).device
+
+
+def embedding_table(model: nn.Module) -> torch.Tensor:
+    """The weight of the model's input embeddings (vocabulary x hidden)."""
+    return _weight(cast("PreTrainedModel", model).get_input_embeddings())
 
 
 def _experts_modules(block: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in block.named_modules() if experts_kind(module) is not None}
+
+
+def _expert_count(experts: nn.Module) -> int:
+    return cast(nn.Parameter, experts._parameters["down_proj"]).shape[0]
 
 
 def _routers(block: nn.Module, experts: dict[str, nn.Module]) -> set[str]:
@@ -254,7 +272,7 @@ def _routers(block: nn.Module, experts: dict[str, nn.Module]) -> set[str]:
     found = set()
     for path, module in experts.items():
         parent = path.rpartition(".")[0]
-        count = module._parameters["down_proj"].shape[0]
+        count = _expert_count(module)
         for name, sub in block.named_modules():
             inside_parent = not parent or name.startswith(parent + ".")
             if (isinstance(sub, LINEAR_TYPES) and inside_parent and not name.startswith(path + ".")
@@ -300,7 +318,7 @@ ADAPTERS: dict[str, Callable[[nn.Module], ModelAdapter]] = {}
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
     config = getattr(model, "config", None)
-    factory = ADAPTERS.get(getattr(config, "model_type", None), ModelAdapter)
+    factory = ADAPTERS.get(getattr(config, "model_type", ""), ModelAdapter)
     return factory(model)
 
 
@@ -317,7 +335,7 @@ def context_limit(model: nn.Module) -> tuple[int | None, bool]:
                    if isinstance(value := getattr(config, name, None), int)), None)
     if length is None:
         return None, False
-    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    inputs = cast("PreTrainedModel", model).get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     learned = any(isinstance(m, nn.Embedding) and m is not inputs and length <= m.num_embeddings <= length + 2
                   for m in model.modules())
     return length, learned

@@ -166,8 +166,7 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
 def resolve_model_dir(spec: str | None) -> tuple[str, Path | None, str | None]:
     """(description, local directory or None, hub id or None) for a --model value."""
     if spec is None:
-        gguf = embedded_default_gguf()
-        return f"embedded default ({DEFAULT_MODEL_FILE})", convert_gguf(gguf), None
+        return f"embedded default ({DEFAULT_MODEL_FILE})", convert_gguf(embedded_default_gguf()), None
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -239,7 +238,7 @@ def open_source(spec: str | None, trust_remote_code: bool = False, allow_pickle:
         _check_safe_weights(local_dir, allow_pickle)
     # offline, a hub id can still load from the local HF cache; never wait for network retries
     cached_only = hub_id is not None and not hub_reachable()
-    where = str(local_dir) if local_dir is not None else hub_id
+    where = str(local_dir) if local_dir is not None else str(hub_id)
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, local_files_only=cached_only)
     except (OSError, ValueError) as exc:

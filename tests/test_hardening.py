@@ -3,6 +3,7 @@ retries, determinism, safe loading and the CLI's interruption handling."""
 
 import hashlib
 import json
+import re
 import signal
 
 import pytest
@@ -117,6 +118,20 @@ def test_non_finite_activations_name_the_block(tokenizer):
                                                 if isinstance(out, tuple) else out * float("nan"))
     with pytest.raises(NumericsError, match="non-finite activations after block 0"):
         prune(model, job(None, model=None), tokenizer=tokenizer, progress=False)
+
+
+@pytest.mark.parametrize(("ids", "message"), [
+    (torch.zeros((0, 16), dtype=torch.long), "at least one window of 2 tokens, got (0, 16)"),
+    (torch.ones(16, dtype=torch.long), "n x seqlen tensor of token ids, got (16,)"),
+    (torch.ones((2, 16)), "n x seqlen tensor of token ids, got (2, 16)"),  # float: not token ids
+    ([[1, 2, 3]], "n x seqlen tensor of token ids, got list"),
+])
+def test_calibration_ids_that_are_not_windows_of_token_ids_are_refused(tokenizer, ids, message):
+    model = tiny_model("llama")
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        prune(model, job(None, model=None), tokenizer=tokenizer, progress=False, calibration_ids=ids)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
 def test_sparsegpt_dampening_retry_is_in_the_report(tiny_dir, tmp_path):

@@ -247,7 +247,7 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
     eval_corpus = None
     with timer.phase("data"):
         if needs_calibration and calibration_ids is not None:
-            calib_ids = calibration_ids
+            calib_ids = _checked_calibration_ids(calibration_ids)
         elif needs_calibration:
             corpus = read_corpus(config.calibration.source, "calibration", config.calibration.column)
             c = config.calibration
@@ -330,6 +330,16 @@ def _preflight(config: PruneConfig, target: _Target, shaped: torch.nn.Module, al
         preflight.preflight(shape, _run_plan(config, device, metric, needs_calibration, calib_ids, resident,
                                              mapped))
     return checkpoint
+
+
+def _checked_calibration_ids(ids) -> torch.Tensor:
+    """Token ids given instead of a calibration source: n x seqlen integers, at least one window of two."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ConfigError(f"calibration_ids must be an n x seqlen tensor of token ids, got {shape}")
+    if ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise ConfigError(f"calibration_ids must hold at least one window of 2 tokens, got {tuple(ids.shape)}")
+    return ids
 
 
 def _check_offload_room(config: PruneConfig, offload_dir: str, shape: preflight.ModelShape, linear_bytes: int,

@@ -92,7 +92,7 @@ class LoopedLlamaModel(LlamaModel):
 
     def forward(self, input_ids=None, **kwargs):
         hidden = self.embed_tokens(input_ids)
-        positions = torch.arange(hidden.shape[1])[None]
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
         rotary = self.rotary_emb(hidden, positions)
         for layer in [*self.layers, *self.layers]:
             hidden = layer(hidden, position_ids=positions, position_embeddings=rotary)
@@ -104,7 +104,7 @@ class RescalingLlamaModel(LlamaModel):
 
     def forward(self, input_ids=None, **kwargs):
         hidden = self.embed_tokens(input_ids)
-        positions = torch.arange(hidden.shape[1])[None]
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
         rotary = self.rotary_emb(hidden, positions)
         for layer in self.layers:
             hidden = 0.5 * layer(hidden, position_ids=positions, position_embeddings=rotary)
@@ -137,5 +137,5 @@ def test_models_whose_context_depends_on_the_micro_batch_prune_and_evaluate(fami
     outcome = prune(model, job, tokenizer=tokenizer, progress=False)
     assert outcome.report.sparsity["target_met"]
     windows, _ = eval_windows(tokenizer, embedded_text("evaluation"), 32, 2, "always")
-    device = torch.device("cpu")
+    device = next(model.parameters()).device  # where the pruning left it (the accelerator, where there is one)
     assert block_major_nlls(model, windows, device, progress=False) == [window_nll(model, w, device) for w in windows]

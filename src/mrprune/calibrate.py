@@ -31,9 +31,10 @@ CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past")
 class BlockCall:
     """Everything a block receives besides the hidden states: positional args after them and keyword args.
 
-    Recorded for one window, the context broadcasts over a micro-batch of windows in almost every model. Where
-    it does not (BLOOM folds the batch into its ALiBi tensor's first dimension), ``by_rows`` holds the context
-    recorded for each micro-batch size the run uses."""
+    Recorded for one window, the context broadcasts over a micro-batch of windows in almost every model, but a
+    block may check its batch size (XGLM's attention checks its mask's), and BLOOM folds the batch into its
+    ALiBi tensor's first dimension. So ``by_rows`` holds the context for each other micro-batch size the run
+    uses: this one's tensors expanded where they broadcast (no memory of their own), the recorded ones where not."""
 
     args: tuple
     kwargs: dict
@@ -50,17 +51,6 @@ class BlockCall:
         if rows not in self.by_rows:
             raise RuntimeError(f"no block context was recorded for micro-batches of {rows} windows")
         return self.by_rows[rows]
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from _tensors(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from _tensors(item)
 
 
 def _sized_like(one, sized):

@@ -125,6 +125,15 @@ def make_models(root: Path) -> dict[str, Path]:
     models["jetmoe"] = save("jetmoe", transformers.JetMoeConfig(
         hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16, intermediate_size=96,
         num_local_experts=4, num_experts_per_tok=2, vocab_size=384, bos_token_id=1, eos_token_id=2))
+    # blocks that are not a chain: Dory runs its recurrent block twice (with a norm and a skip between), RWKV's
+    # parent unpacks (hidden, state, attentions) from each block
+    models["dory"] = save("dory", transformers.AutoConfig.for_model(
+        "dory", hidden_size=64, num_hidden_layers=3, n_input_layers=1, n_recurrent_layers=1, n_output_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96, vocab_size=384,
+        bos_token_id=1, eos_token_id=2))
+    models["rwkv"] = save("rwkv", transformers.AutoConfig.for_model(
+        "rwkv", hidden_size=64, num_hidden_layers=2, attention_hidden_size=64, intermediate_size=128,
+        context_length=128, vocab_size=384, bos_token_id=1, eos_token_id=2))
     truncated = save("truncated", llama(3))
     weights = next(truncated.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:1000])
@@ -170,6 +179,10 @@ def cases(root: Path, m: dict[str, Path]) -> list[tuple[str, list[str], dict]]:
         ("encoder model (BERT)", ["info", "bert"], {}),
         ("experts in 3-D tensors of a layout mrprune does not know (JetMoE)",
          ["prune", "--model", "jetmoe", "--calib", "embedded", "--nsamples", "4", "--seqlen", "32"], {}),
+        ("a looped model: blocks run again, the hidden states changed between them (Dory)",
+         ["prune", "--model", "dory", "--calib", "embedded", "--nsamples", "4", "--seqlen", "32"], {}),
+        ("a parent that unpacks more than the hidden states from each block (RWKV)",
+         ["prune", "--model", "rwkv", "--calib", "embedded", "--nsamples", "4", "--seqlen", "32"], {}),
         ("pickle-only weights without --allow-pickle", ["info", "pickled"], {}),
         ("custom model code without --trust-remote-code", tiny[:3] + ["custom-code"] + tiny[4:], {}),
         ("CUDA asked for on a machine without it", tiny + ["--device", "cuda"], {}),

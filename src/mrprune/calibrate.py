@@ -156,10 +156,6 @@ def _record_block_calls(adapter: ModelAdapter, window: torch.Tensor, as_tuple: b
 
         return hook
 
-    def bypass(*args, **kwargs):
-        hidden = pass_through(*args, **kwargs)
-        return (hidden,) if as_tuple else hidden
-
     def answered(module, args, output):
         """What the parent receives, after any forward hook a user put on the block (run_block applies those
         too): registered last, this hook runs last."""
@@ -168,7 +164,7 @@ def _record_block_calls(adapter: ModelAdapter, window: torch.Tensor, as_tuple: b
     handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(adapter.blocks)]
     handles += [block.register_forward_hook(answered) for block in adapter.blocks]
     for block in adapter.blocks:
-        block.forward = bypass
+        block.forward = pass_through_as_tuple if as_tuple else pass_through
     try:
         with torch.inference_mode():
             adapter.base_model(input_ids=window.to(adapter.input_device()), use_cache=False)

@@ -23,8 +23,14 @@ class TupleDecoderLayer(LlamaDecoderLayer):
         return (super().forward(*args, **kwargs),)
 
 
-class IndexingLlamaModel(LlamaModel):
-    """A parent in the style of transformers 4: its own causal mask, ``layer(...)[0]`` for every block."""
+class OwnParentLlamaModel(LlamaModel):
+    """A parent written by hand: its own causal mask, its order of blocks (``repeats``) and what it does with each
+    block's output (``link``). The subclasses below vary only those."""
+
+    repeats = 1
+
+    def link(self, output):
+        return output
 
     def forward(self, input_ids=None, **kwargs):
         hidden = self.embed_tokens(input_ids)
@@ -32,10 +38,17 @@ class IndexingLlamaModel(LlamaModel):
         positions = torch.arange(length, device=hidden.device)[None]
         rotary = self.rotary_emb(hidden, positions)
         mask = torch.full((length, length), float("-inf"), dtype=hidden.dtype, device=hidden.device).triu(1)
-        for layer in self.layers:
-            hidden = layer(hidden, attention_mask=mask[None, None], position_ids=positions,
-                           position_embeddings=rotary)[0]
+        for layer in [*self.layers] * self.repeats:
+            hidden = self.link(layer(hidden, attention_mask=mask[None, None], position_ids=positions,
+                                     position_embeddings=rotary))
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden))
+
+
+class IndexingLlamaModel(OwnParentLlamaModel):
+    """In the style of transformers 4: ``layer(...)[0]`` for every block."""
+
+    def link(self, output):
+        return output[0]
 
 
 def tuple_twin(model):
@@ -87,28 +100,17 @@ def test_a_context_that_depends_on_the_micro_batch_is_recorded_for_each_size():
     assert [t.data_ptr() for t in one] == [t.data_ptr() for t in three]
 
 
-class LoopedLlamaModel(LlamaModel):
+class LoopedLlamaModel(OwnParentLlamaModel):
     """Runs its blocks twice, as looped (recurrent-depth) models do."""
 
-    def forward(self, input_ids=None, **kwargs):
-        hidden = self.embed_tokens(input_ids)
-        positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
-        rotary = self.rotary_emb(hidden, positions)
-        for layer in [*self.layers, *self.layers]:
-            hidden = layer(hidden, position_ids=positions, position_embeddings=rotary)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden))
+    repeats = 2
 
 
-class RescalingLlamaModel(LlamaModel):
+class RescalingLlamaModel(OwnParentLlamaModel):
     """Changes the hidden states between blocks: running the blocks as a chain would compute another model."""
 
-    def forward(self, input_ids=None, **kwargs):
-        hidden = self.embed_tokens(input_ids)
-        positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
-        rotary = self.rotary_emb(hidden, positions)
-        for layer in self.layers:
-            hidden = 0.5 * layer(hidden, position_ids=positions, position_embeddings=rotary)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden))
+    def link(self, output):
+        return 0.5 * output
 
 
 @pytest.mark.parametrize(("parent", "message"), [(LoopedLlamaModel, "runs block 0 after block 2"),

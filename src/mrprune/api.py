@@ -11,13 +11,21 @@ from typing import Any
 import torch
 
 from . import preflight
-from .allocate import AllocationContext, IterativeAllocator, build_allocator
+from .allocate import AllocationContext, AutoAllocator, IterativeAllocator, build_allocator
+from .allocate.select import choose
 from .checkpoint import Checkpoint, fingerprint
-from .config import CHOICES, PruneConfig, check_choice, check_positive
-from .data import load_eval_text, read_corpus, sample_calibration
+from .config import CHOICES, PruneConfig, check_choice, check_positive, merge
+from .data import load_eval_text, read_corpus, sample_calibration, sample_with_heldout
 from .errors import ConfigError, reason
 from .evaluate import zeroshot as zs
-from .evaluate.perplexity import PerplexityResult, eval_windows, model_windows, perplexity, windows_perplexity
+from .evaluate.perplexity import (
+    PerplexityResult,
+    eval_windows,
+    model_windows,
+    perplexity,
+    windows_perplexity,
+    with_bos,
+)
 from .export import check_disk, check_output, check_writable, existing_ancestor, export_bytes, export_model, input_paths
 from .metrics import build_metric
 from .metrics.pattern import SparsityPattern
@@ -37,7 +45,7 @@ from .numerics import check_weights
 from .report import PruneReport
 from .runner import SequentialPruner
 from .runtime import PhaseTimer, peak_device_memory_mib, peak_host_memory_mib, place_model
-from .spill import SpillStore, on_ram
+from .spill import SpillStore, host_copies, on_ram
 
 log = logging.getLogger(__name__)
 
@@ -142,20 +150,23 @@ def _run_plan(config: PruneConfig, device: torch.device, metric, needs_calibrati
     return preflight.RunPlan(
         device=device, nsamples=n, seqlen=seqlen, batch_size=r.batch_size, offload=r.offloads,
         offload_activations=r.offload_activations, calibrate=needs_calibration, hessian=metric.needs_hessian,
-        mrp_stride=config.allocation.mrp.checkpoint_stride if config.allocation.method == "mrp" else None,
+        mrp_stride=config.allocation.mrp.checkpoint_stride if "mrp" in config.allocation.methods_used() else None,
         eval_seqlen=config.evaluation.seqlen if config.evaluate else None,
         eval_windows=config.evaluation.max_windows, zeroshot=bool(config.evaluation.tasks), resident=resident,
         checkpoint=bool(r.checkpoint_dir),
-        mrp_dense=_keeps_dense_copy(config),
-        block_swaps=_keeps_dense_copy(config) or (config.allocation.method == "mrp-fast"
-                                                   and config.allocation.mrp.pilot != "dense"),
+        mrp_dense=_dense_copies(config),
+        block_swaps=bool(_dense_copies(config)) or ("mrp-fast" in config.allocation.methods_used()
+                                                     and config.allocation.mrp.pilot != "dense"),
         spill=r.offload_dir is not None and not on_ram(r.offload_dir), mapped=mapped,
     )
 
 
-def _keeps_dense_copy(config: PruneConfig) -> bool:
-    """Exact MRP with dense-block statistics keeps a host copy of every decoder linear layer's dense weights."""
-    return config.allocation.method == "mrp" and config.allocation.mrp.activations == "dense-block"
+def _dense_copies(config: PruneConfig) -> int:
+    """Host copies of every decoder linear layer's dense weights the job keeps: one for exact MRP with
+    dense-block statistics, one for ``auto`` between its candidates (plus exact MRP's among them)."""
+    a = config.allocation
+    exact = int("mrp" in a.methods_used() and a.mrp.activations == "dense-block")
+    return exact + int(a.method == "auto")
 
 
 def _check_places(config: PruneConfig, local_dir: Path | None) -> None:
@@ -244,14 +255,24 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
 
     # 2. the text: too little of it is an error before the weights load
     calib_ids = None
+    heldout = None  # --allocation auto: (windows, whether each starts with BOS, source name)
     eval_corpus = None
     with timer.phase("data"):
         if needs_calibration and calibration_ids is not None:
+            if isinstance(allocator, AutoAllocator):
+                raise ConfigError("--allocation auto measures windows of the calibration source that calibration "
+                                  "did not use: give config.calibration instead of calibration_ids")
             calib_ids = _checked_calibration_ids(calibration_ids)
         elif needs_calibration:
             corpus = read_corpus(config.calibration.source, "calibration", config.calibration.column)
             c = config.calibration
-            calib_ids = sample_calibration(corpus, tokenizer, c.nsamples, c.seqlen, c.seed)
+            if isinstance(allocator, AutoAllocator):
+                calib_ids, held = sample_with_heldout(corpus, tokenizer, c.nsamples, c.seqlen, c.seed,
+                                                      config.allocation.auto.windows)
+                model_type = getattr(target.model_config, "model_type", None)
+                heldout = (*with_bos(held, tokenizer, config.evaluation.bos, model_type), corpus.name)
+            else:
+                calib_ids = sample_calibration(corpus, tokenizer, c.nsamples, c.seqlen, c.seed)
             log.info("calibration: %d x %d tokens from %s (seed %d)", c.nsamples, c.seqlen, corpus.name, c.seed)
         if config.evaluate:
             e = config.evaluation
@@ -284,8 +305,8 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
                                 device)
 
     try:
-        outcome = _prune_loaded(config, target, adapter, metric, allocator, pattern, calib_ids, eval_corpus,
-                                zeroshot_tasks, device, timer, progress, checkpoint)
+        outcome = _prune_loaded(config, target, adapter, metric, allocator, pattern, calib_ids, heldout,
+                                eval_corpus, zeroshot_tasks, device, timer, progress, checkpoint)
     except KeyboardInterrupt as exc:
         if checkpoint is not None and checkpoint.progress is not None:
             exc.checkpoint_dir = str(checkpoint.directory)  # type: ignore[attr-defined]
@@ -349,9 +370,9 @@ def _check_offload_room(config: PruneConfig, offload_dir: str, shape: preflight.
     them too."""
     blocks = shape.total_bytes - shape.outside_bytes
     detail = "the decoder blocks"
-    if _keeps_dense_copy(config):
-        blocks += linear_bytes
-        detail += " and exact MRP's dense copy of them"
+    if _dense_copies(config):
+        blocks += linear_bytes * _dense_copies(config)
+        detail += " and the dense copy of them MRP or --allocation auto keeps"
     needed = int(blocks * 1.02)
     scratch = existing_ancestor(Path(offload_dir).expanduser().resolve())
     others = {"the export": (config.output, export_bytes(shape.parameters, shape.dtype_size)),
@@ -368,14 +389,14 @@ def _check_offload_room(config: PruneConfig, offload_dir: str, shape: preflight.
 
 
 def _prune_loaded(config: PruneConfig, target: _Target, adapter: ModelAdapter, metric, allocator, pattern,
-                  calib_ids, eval_corpus, zeroshot_tasks, device: torch.device, timer: PhaseTimer, progress: bool,
+                  calib_ids, heldout, eval_corpus, zeroshot_tasks, device: torch.device, timer: PhaseTimer, progress: bool,
                   checkpoint: Checkpoint | None) -> PruneOutcome:
     """The heavy part: dense statistics, allocation, the sequential pass, evaluation and export; with
     ``--offload-dir`` in a scratch directory there, removed whatever happens."""
     r = config.runtime
     spill = SpillStore(r.offload_dir) if r.offload_dir is not None else None
     try:
-        return _prune_with(config, target, adapter, metric, allocator, pattern, calib_ids, eval_corpus,
+        return _prune_with(config, target, adapter, metric, allocator, pattern, calib_ids, heldout, eval_corpus,
                            zeroshot_tasks, device, timer, progress, checkpoint, spill)
     finally:
         if spill is not None:
@@ -396,15 +417,11 @@ def expert_coverage(adapter: ModelAdapter, layer_tokens: dict[str, int]) -> dict
 
 
 def _prune_with(config: PruneConfig, target: _Target, adapter: ModelAdapter, metric, allocator, pattern,
-                calib_ids, eval_corpus, zeroshot_tasks, device: torch.device, timer: PhaseTimer, progress: bool,
+                calib_ids, heldout, eval_corpus, zeroshot_tasks, device: torch.device, timer: PhaseTimer, progress: bool,
                 checkpoint: Checkpoint | None, spill: SpillStore | None) -> PruneOutcome:
     model, tokenizer = target.model, target.tokenizer
     assert model is not None
     offload = config.runtime.offloads
-    runner = SequentialPruner(
-        adapter, metric, pattern, device, config.runtime.batch_size, offload,
-        config.runtime.offload_activations, timer, progress, checkpoint=checkpoint, spill=spill,
-    )
 
     def measure() -> PerplexityResult:
         e = config.evaluation
@@ -415,18 +432,14 @@ def _prune_with(config: PruneConfig, target: _Target, adapter: ModelAdapter, met
     ppl = {}
     if config.evaluate:
         ppl["before"] = measure().to_dict()
-    try:  # closed whatever happens: no block copy may stay on the device
-        dense_stats = runner.observe(calib_ids) if allocator.needs_calibration else None
-        ctx = AllocationContext(adapter, resolve_target(config, runner.pattern), config.allocation.granularity,
-                                config, dense_stats=None if dense_stats is None else lambda: dense_stats)
-        if isinstance(allocator, IterativeAllocator):
-            allocation, records = allocator.prune(ctx, runner, calib_ids)
-        else:
-            with timer.phase("allocation"):
-                allocation = allocator.allocate(ctx)
-            records = runner.run(calib_ids, allocation.whole_weight_targets(adapter))
-    finally:
-        runner.close()
+    selection, run_config, dense_stats = None, config, None
+    if isinstance(allocator, AutoAllocator):
+        selection, run_config, dense_stats = _select_allocation(config, adapter, metric, pattern, calib_ids,
+                                                                heldout, device, timer, progress, spill)
+        allocator = build_allocator(run_config.allocation.method, run_config)
+    allocation, records, runner, _ = _allocate_and_prune(run_config, adapter, metric, allocator, pattern,
+                                                         calib_ids, device, timer, progress, checkpoint, spill,
+                                                         dense_stats)
     if config.evaluate:
         ppl["after"] = measure().to_dict()
     zeroshot = {}
@@ -444,6 +457,8 @@ def _prune_with(config: PruneConfig, target: _Target, adapter: ModelAdapter, met
     )
     if checkpoint is not None and checkpoint.resuming:
         report.extra["resumed_from"] = str(checkpoint.directory)
+    if selection is not None:
+        report.extra["allocation_selection"] = selection.to_dict()
     experts = expert_coverage(adapter, runner.layer_tokens)
     if experts:
         report.extra["experts"] = experts
@@ -458,6 +473,68 @@ def _prune_with(config: PruneConfig, target: _Target, adapter: ModelAdapter, met
         output = export_model(model, tokenizer, config.output, written, config.overwrite, target.protect)
         report.timings_s = written["timings_s"]
     return PruneOutcome(model, tokenizer, report, output)
+
+
+def _allocate_and_prune(config: PruneConfig, adapter: ModelAdapter, metric, allocator, pattern, calib_ids,
+                        device: torch.device, timer: PhaseTimer, progress: bool, checkpoint: Checkpoint | None,
+                        spill: SpillStore | None, dense_stats: dict | None = None):
+    """One allocation and the sequential pass it drives: (allocation, per-layer records, the closed runner, the
+    dense model's statistics if the allocation needed them). ``dense_stats`` given saves the pass that measures
+    them."""
+    r = config.runtime
+    runner = SequentialPruner(adapter, metric, pattern, device, r.batch_size, r.offloads, r.offload_activations,
+                              timer, progress, checkpoint=checkpoint, spill=spill)
+    try:  # closed whatever happens: no block copy may stay on the device
+        if allocator.needs_calibration and dense_stats is None:
+            dense_stats = runner.observe(calib_ids)
+        stats = dense_stats
+        ctx = AllocationContext(adapter, resolve_target(config, runner.pattern), config.allocation.granularity,
+                                config, dense_stats=None if stats is None else lambda: stats)
+        if isinstance(allocator, IterativeAllocator):
+            allocation, records = allocator.prune(ctx, runner, calib_ids)
+        else:
+            with timer.phase("allocation"):
+                allocation = allocator.allocate(ctx)
+            records = runner.run(calib_ids, allocation.whole_weight_targets(adapter))
+    finally:
+        runner.close()
+    return allocation, records, runner, dense_stats
+
+
+def _select_allocation(config: PruneConfig, adapter: ModelAdapter, metric, pattern, calib_ids, heldout,
+                       device: torch.device, timer: PhaseTimer, progress: bool, spill: SpillStore | None):
+    """``--allocation auto``: every candidate prunes the same dense weights (kept on the host, or in the
+    ``--offload-dir`` files) and is measured on the held-out windows. Returns the selection, the winner's config
+    and the dense model's statistics (measured once for all), and leaves the model dense."""
+    names = config.allocation.candidate_names()
+    layers = adapter.all_linear_layers()
+    dense = host_copies(layers, spill, pin=device.type == "cuda")
+    shared: dict[str, Any] = {}
+    windows, per_window_bos, source = heldout
+
+    def prune_with(name: str) -> float:
+        candidate = merge(config, {"allocation.method": name})
+        _, records, _, stats = _allocate_and_prune(candidate, adapter, metric, build_allocator(name, candidate),
+                                                   pattern, calib_ids, device, timer, progress, None, spill,
+                                                   shared.get("stats"))
+        if stats is not None:
+            shared["stats"] = stats
+        return sum(rec.zeros for rec in records) / max(sum(rec.numel for rec in records), 1)
+
+    def measure() -> float:
+        with timer.phase("allocation selection"):
+            return windows_perplexity(adapter.model, windows, per_window_bos, source, device, False,
+                                      config.runtime.offloads).perplexity
+
+    def restore() -> None:
+        for ref in layers:
+            ref.set_weight(dense[ref.name])
+
+    protocol = (f"{windows.shape[0]} windows of {windows.shape[1]} tokens of {source} that calibration did not "
+                f"use{', each starting with BOS' if per_window_bos else ''}")
+    selection = choose(names, prune_with, measure, restore, protocol)
+    log.info("auto: %s chosen (%s)", selection.chosen, protocol)
+    return selection, merge(config, {"allocation.method": selection.chosen}), shared.get("stats")
 
 
 def evaluate_perplexity(

@@ -53,6 +53,10 @@ PRUNE_OPTIONS = [
     Option("--allocation", "allocation.method", "how much each block is pruned (default uniform)",
            choices=sorted(ALLOCATORS)),
     Option("--ratios", "allocation.ratios", "JSON/YAML ratios for --allocation file"),
+    Option("--auto-candidates", "allocation.auto.candidates", "allocations --allocation auto prunes with and "
+           "chooses from by held-out perplexity (default uniform,owl,alphapruning,mrp-fast)"),
+    Option("--auto-windows", "allocation.auto.windows", "held-out windows of the calibration source (not used "
+           "for calibration) that --allocation auto measures each candidate on (default 16)", type=int),
     Option("--granularity", "allocation.granularity", "allocate per block (default) or per linear layer"),
     Option("--owl-m", "allocation.owl.m", "OWL outlier threshold, multiple of the block mean score (default 5)",
            type=float),
@@ -151,7 +155,8 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
 
 #: flags that only some allocations read (dotted path prefix -> those allocations)
 _ALLOCATION_FLAGS = {"allocation.ratios": ("file",), "allocation.owl.": ("owl",),
-                     "allocation.alpha.": ("alphapruning",), "allocation.mrp.": ("mrp", "mrp-fast")}
+                     "allocation.alpha.": ("alphapruning",), "allocation.mrp.": ("mrp", "mrp-fast"),
+                     "allocation.auto.": ("auto",)}
 _PERPLEXITY_FLAGS = ("evaluation.text", "evaluation.seqlen", "evaluation.max_windows", "evaluation.bos")
 
 
@@ -161,11 +166,13 @@ def refuse_unread_flags(args: argparse.Namespace, config: PruneConfig) -> None:
     hold settings for several kinds of run."""
     typed = [o for o in PRUNE_OPTIONS if getattr(args, o.path.replace(".", "__"), None) is not None]
     method = config.allocation.method
+    running = {method, *config.allocation.methods_used()}  # auto reads its candidates' flags
     for option in typed:
         for prefix, methods in _ALLOCATION_FLAGS.items():
-            if option.path.startswith(prefix) and method not in methods:
+            if option.path.startswith(prefix) and not running.intersection(methods):
+                shown = method if method != "auto" else f"auto with candidates {config.allocation.auto.candidates}"
                 raise ConfigError(f"{option.flag} is read only with --allocation {' or '.join(methods)}, "
-                                  f"not {method}: add the allocation or drop the flag")
+                                  f"not {shown}: add the allocation or drop the flag")
         if option.path in _PERPLEXITY_FLAGS and not config.evaluate:
             raise ConfigError(f"{option.flag} sets the perplexity evaluation, which runs only with --eval: add --eval")
 

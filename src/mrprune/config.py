@@ -99,6 +99,16 @@ class MrpConfig:
 
 
 @dataclass
+class AutoConfig:
+    """``--allocation auto``: prune once with each of ``candidates`` (comma-separated allocations) and keep the
+    one with the lowest perplexity on ``windows`` windows of the calibration source that calibration did not
+    use. No allocation wins everywhere (BENCHMARKS.md section 3), and the evaluation text must not choose."""
+
+    candidates: str = "uniform,owl,alphapruning,mrp-fast"
+    windows: int = 16
+
+
+@dataclass
 class AllocationConfig:
     method: str = "uniform"
     ratios: str | None = None
@@ -106,6 +116,15 @@ class AllocationConfig:
     owl: OwlConfig = field(default_factory=OwlConfig)
     alpha: AlphaConfig = field(default_factory=AlphaConfig)
     mrp: MrpConfig = field(default_factory=MrpConfig)
+    auto: AutoConfig = field(default_factory=AutoConfig)
+
+    def candidate_names(self) -> list[str]:
+        """The allocations ``auto`` chooses from, as given (validated by PruneConfig.validate)."""
+        return [name.strip() for name in self.auto.candidates.split(",")]
+
+    def methods_used(self) -> list[str]:
+        """Every allocation this job runs: the method, or auto's candidates."""
+        return self.candidate_names() if self.method == "auto" else [self.method]
 
 
 @dataclass
@@ -179,7 +198,9 @@ class PruneConfig:
                 f"allocation '{self.allocation.method}' cannot be combined with pattern {pattern}: "
                 "an N:M pattern fixes every layer's sparsity; use --allocation uniform"
             )
-        if self.allocation.method == "file" and not self.allocation.ratios:
+        if self.allocation.method == "auto":
+            _check_auto(self)
+        if "file" in self.allocation.methods_used() and not self.allocation.ratios:
             raise ConfigError("allocation 'file' needs --ratios FILE (JSON or YAML)")
         check_positive("calibration.nsamples", self.calibration.nsamples)
         check_positive("calibration.seqlen", self.calibration.seqlen)
@@ -233,6 +254,24 @@ def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
     return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _check_auto(config: PruneConfig) -> None:
+    from .allocate import CANDIDATE_ALLOCATIONS
+
+    names = config.allocation.candidate_names()
+    for name in names:
+        if not name:
+            raise ConfigError(f"allocation.auto.candidates needs comma-separated allocations, got "
+                              f"{config.allocation.auto.candidates!r}")
+        check_choice("allocation.auto.candidates entry", name, CANDIDATE_ALLOCATIONS)
+    if len(set(names)) != len(names) or len(names) < 2:
+        raise ConfigError(f"allocation.auto.candidates needs at least two different allocations, got "
+                          f"{config.allocation.auto.candidates!r}")
+    check_positive("allocation.auto.windows", config.allocation.auto.windows)
+    if config.runtime.checkpoint_dir:
+        raise ConfigError("--allocation auto cannot be checkpointed: run it without --checkpoint-dir, or prune "
+                          "with the allocation it chose (the report's allocation_selection) and --checkpoint-dir")
 
 
 def _check_zeroshot(e: EvalConfig) -> None:

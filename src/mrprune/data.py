@@ -9,11 +9,13 @@ so the two never overlap.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -131,6 +133,31 @@ def read_corpus(source: str | None, purpose: str, column: str = "text") -> Corpu
 
 def sample_calibration(corpus: Corpus, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """(nsamples, seqlen) token ids drawn with the reference protocol; DataError when the text is too short."""
+    return _draw(corpus, tokenizer, nsamples, seqlen, seed).ids
+
+
+def sample_with_heldout(corpus: Corpus, tokenizer, nsamples: int, seqlen: int, seed: int,
+                        heldout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration windows of :func:`sample_calibration` (the same ones) and ``heldout`` windows of
+    ``seqlen`` tokens from the same source that share no token with them: with documents, one window in each
+    of ``heldout`` documents calibration did not draw from; with one running text, non-overlapping windows on a
+    grid of ``seqlen`` that overlap no calibration window. DataError when the source has too little left."""
+    draw = _draw(corpus, tokenizer, nsamples, seqlen, seed)
+    rng = random.Random(f"heldout-{seed}")
+    if draw.documents is None:
+        return draw.ids, _heldout_of_text(draw, rng, seqlen, heldout)
+    return draw.ids, _heldout_of_documents(draw, rng, seqlen, heldout, corpus.name)
+
+
+@dataclass
+class _Draw:
+    ids: torch.Tensor
+    used: set[int]  # document indices, or window starts in ``text_ids``
+    documents: Any = None  # token ids per document (a list or a lazy encoding)
+    text_ids: list[int] | None = None
+
+
+def _draw(corpus: Corpus, tokenizer, nsamples: int, seqlen: int, seed: int) -> _Draw:
     rng = random.Random(seed)
     needed = nsamples * seqlen
     if corpus.documents is None:
@@ -141,12 +168,15 @@ def sample_calibration(corpus: Corpus, tokenizer, nsamples: int, seqlen: int, se
                 "use a longer text, fewer samples or a shorter seqlen"
             )
         starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
-        return torch.tensor([ids[s : s + seqlen] for s in starts], dtype=torch.long)
+        return _Draw(torch.tensor([ids[s : s + seqlen] for s in starts], dtype=torch.long), set(starts),
+                     text_ids=ids)
 
     documents = corpus.documents
     if len(documents) > EAGER_DOCUMENTS:
         # a hub shard: tokenise lazily, as the reference does, and bound the search instead of pre-checking
-        return _sample_documents(rng, _LazyEncoding(tokenizer, documents), nsamples, seqlen)
+        lazy = _LazyEncoding(tokenizer, documents)
+        samples, used = _sample_documents(rng, lazy, nsamples, seqlen)
+        return _Draw(samples, used, lazy)
     encoded = tokenizer(documents).input_ids
     total = sum(len(e) for e in encoded)
     eligible = [i for i, e in enumerate(encoded) if len(e) > seqlen]
@@ -161,7 +191,46 @@ def sample_calibration(corpus: Corpus, tokenizer, nsamples: int, seqlen: int, se
             "only %d documents of %s are longer than %d tokens: calibration windows will overlap",
             len(eligible), corpus.name, seqlen,
         )
-    return _sample_documents(rng, encoded, nsamples, seqlen)
+    samples, used = _sample_documents(rng, encoded, nsamples, seqlen)
+    return _Draw(samples, used, encoded)
+
+
+def _heldout_of_text(draw: _Draw, rng: random.Random, seqlen: int, count: int) -> torch.Tensor:
+    ids = draw.text_ids or []
+    starts = sorted(draw.used)
+    free = []
+    for k in range(len(ids) // seqlen):
+        a = k * seqlen
+        i = bisect.bisect_left(starts, a - seqlen + 1)  # the first calibration window that could overlap
+        if i == len(starts) or starts[i] >= a + seqlen:
+            free.append(a)
+    if len(free) < count:
+        raise DataError(
+            f"the calibration text has {len(free)} windows of {seqlen} tokens that calibration does not touch, "
+            f"fewer than the {count} held-out windows --allocation auto needs; use a longer text, fewer "
+            "calibration samples or fewer --auto-windows"
+        )
+    return torch.tensor([ids[a : a + seqlen] for a in sorted(rng.sample(free, count))], dtype=torch.long)
+
+
+def _heldout_of_documents(draw: _Draw, rng: random.Random, seqlen: int, count: int, name: str) -> torch.Tensor:
+    documents = draw.documents
+    order = [i for i in range(len(documents)) if i not in draw.used]
+    rng.shuffle(order)
+    windows: list[list[int]] = []
+    for doc in order[: MAX_DRAWS_PER_SAMPLE * count]:
+        if len(windows) == count:
+            break
+        if len(documents[doc]) > seqlen:
+            start = rng.randint(0, len(documents[doc]) - seqlen - 1)
+            windows.append(documents[doc][start : start + seqlen])
+    if len(windows) < count:
+        raise DataError(
+            f"{name} has {len(windows)} documents longer than seqlen {seqlen} that calibration did not use, "
+            f"fewer than the {count} held-out windows --allocation auto needs; use more documents, fewer "
+            "calibration samples or fewer --auto-windows"
+        )
+    return torch.tensor(windows, dtype=torch.long)
 
 
 class _LazyEncoding:
@@ -178,9 +247,10 @@ class _LazyEncoding:
         return self.cache[i]
 
 
-def _sample_documents(rng: random.Random, encoded, nsamples: int, seqlen: int) -> torch.Tensor:
+def _sample_documents(rng: random.Random, encoded, nsamples: int, seqlen: int) -> tuple[torch.Tensor, set[int]]:
     """The reference loop: random document until one is longer than seqlen, then a random window in it."""
     samples = []
+    used = set()
     attempts = 0
     for _ in range(nsamples):
         while True:
@@ -192,7 +262,8 @@ def _sample_documents(rng: random.Random, encoded, nsamples: int, seqlen: int) -
                 break
         start = rng.randint(0, len(encoded[doc]) - seqlen - 1)
         samples.append(encoded[doc][start : start + seqlen])
-    return torch.tensor(samples, dtype=torch.long)
+        used.add(doc)
+    return torch.tensor(samples, dtype=torch.long), used
 
 
 def load_eval_text(source: str | None, column: str = "text") -> Corpus:

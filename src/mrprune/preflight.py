@@ -152,7 +152,9 @@ class RunPlan:
     zeroshot: bool = False  # --tasks
     resident: str | None = None  # where loaded weights are now ('host' or 'device'; counted as used), None: to load
     checkpoint: bool = False  # --checkpoint-dir: activations are copied to the host to be saved
-    mrp_dense: bool = False  # exact MRP (dense-block): a host copy of every block's dense weights
+    #: host copies of every block's dense weights: exact MRP (dense-block) keeps one, ``auto`` one between its
+    #: candidates (and one more with an exact MRP candidate)
+    mrp_dense: int = 0
     block_swaps: bool = False  # MRP runs a block with other weights swapped in (exact: dense, fast: its pilot's)
     spill: bool = False  # --offload-dir: pruned blocks and MRP's dense copy live in files, not in RAM
     mapped: bool = False  # loading maps the weights from safetensors files (no copy in process memory)
@@ -238,7 +240,7 @@ def estimate(shape: ModelShape, plan: RunPlan, free: dict[str, int | None] | Non
     elif plan.resident is None:
         pools["host"]["model"] = shape.outside_bytes + held_blocks
     if plan.mrp_dense and not plan.spill:
-        pools["host"]["MRP dense weights"] = blocks
+        pools["host"]["MRP dense weights"] = blocks * int(plan.mrp_dense)
 
     # the largest of the phases that follow each other: capture, a block's turn, evaluation
     phases: dict[str, dict[str, dict[str, int]]] = {}

@@ -127,6 +127,10 @@ class PruneReport:
             "block  target   achieved",
         ]
         lines += [f"{b['index']:>5}  {b['target']:.4f}   {b['sparsity']:.4f}" for b in self.blocks]
+        if "allocation_selection" in self.extra:
+            sel = self.extra["allocation_selection"]
+            scores = ", ".join(f"{c['allocation']} {c['heldout_perplexity']:.4g}" for c in sel["candidates"])
+            lines += ["", f"chosen     {sel['chosen']} by held-out perplexity: {scores}", f"           ({sel['protocol']})"]
         lines += [
             "",
             f"global sparsity {s['achieved']:.6f} (target {s['target']:.6f}, {s['zeros']} of {s['weights']} weights; "

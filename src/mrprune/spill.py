@@ -81,6 +81,19 @@ class SpillStore:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def host_copies(layers, spill: SpillStore | None, pin: bool = False) -> dict[str, torch.Tensor]:
+    """Copies of the layers' weights that outlive their pruning: in ``spill``'s files when given (a model larger
+    than memory), else on the host (pinned for fast copies to a GPU)."""
+    copies = {}
+    for ref in layers:
+        if spill is not None:
+            copies[ref.name] = spill.adopt(ref.weight.detach())
+            continue
+        saved = ref.weight.detach().to("cpu", copy=True)
+        copies[ref.name] = saved.pin_memory() if pin else saved
+    return copies
+
+
 def on_ram(path: str | Path, mountinfo: str = "/proc/self/mountinfo") -> bool:
     """Whether ``path`` lies on a RAM-backed filesystem (tmpfs, ramfs): files there are memory that cannot be
     evicted without swap, so spilling to them saves nothing."""

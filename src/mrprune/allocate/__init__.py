@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..config import MrpConfig
+from ..config import AutoConfig, MrpConfig
 from .alpha import AlphaAllocator
 from .base import Allocation, AllocationContext, Allocator, IterativeAllocator
 from .file import FileAllocator
@@ -12,7 +12,12 @@ from .fit import fit_to_target, weighted_mean
 from .mrp import MrpAllocator
 from .mrp_fast import FastMrpAllocator
 from .owl import OwlAllocator
+from .select import AutoAllocator
 from .uniform import UniformAllocator
+
+#: what the analyses compare and ``auto`` chooses from unless told: fast MRP, since the exact loop (`mrp`) takes
+#: hours on a 7B model
+COMPARED_BY_DEFAULT: tuple[str, ...] = tuple(AutoConfig().candidates.split(","))
 
 #: name -> factory taking the job's PruneConfig
 ALLOCATORS: dict[str, Callable[..., Allocator]] = {
@@ -26,10 +31,15 @@ ALLOCATORS: dict[str, Callable[..., Allocator]] = {
     "alphapruning": lambda config=None: (
         AlphaAllocator() if config is None else AlphaAllocator(config.allocation.alpha.eps)
     ),
+    "auto": lambda config=None: AutoAllocator(
+        [build_allocator(name, config) for name in
+         (config.allocation.candidate_names() if config is not None else COMPARED_BY_DEFAULT)]
+    ),
 }
 
-#: what the analyses compare unless told: fast MRP, since the exact loop (`mrp`) takes hours on a 7B model
-COMPARED_BY_DEFAULT = ("uniform", "owl", "alphapruning", "mrp-fast")
+#: what ``auto`` may choose from, and what the analyses may compare: every allocation but ``auto`` itself
+CANDIDATE_ALLOCATIONS = tuple(name for name in ALLOCATORS if name != "auto")
+
 
 
 def build_allocator(name: str, config=None) -> Allocator:
@@ -38,6 +48,8 @@ def build_allocator(name: str, config=None) -> Allocator:
 
 __all__ = [
     "ALLOCATORS",
+    "AutoAllocator",
+    "CANDIDATE_ALLOCATIONS",
     "COMPARED_BY_DEFAULT",
     "AlphaAllocator",
     "Allocation",

@@ -28,6 +28,7 @@ from ..metrics.base import LayerStats, sq_norms
 from ..models.adapter import LinearRef
 from ..redundancy import UnitCounts, layer_counts, spread, thresholds
 from ..runner import Activations, LayerRecord, SequentialPruner
+from ..spill import host_copies
 from .base import Allocation, AllocationContext, IterativeAllocator
 
 log = logging.getLogger(__name__)
@@ -218,14 +219,9 @@ class MrpRun:
         return with_block(self.pruner, index, work, changed)
 
     def _keep_dense_weights(self) -> None:
-        pin = self.pruner.device.type == "cuda"
-        spill = self.pruner.mover.spill  # --offload-dir: the copy goes to its files
-        for ref in self.adapter.all_linear_layers():
-            if spill is not None:
-                self.dense_weights[ref.name] = spill.adopt(ref.weight.detach())
-                continue
-            saved = ref.weight.detach().to("cpu", copy=True)
-            self.dense_weights[ref.name] = saved.pin_memory() if pin else saved
+        # --offload-dir: the copy goes to its files
+        self.dense_weights.update(host_copies(self.adapter.all_linear_layers(), self.pruner.mover.spill,
+                                              pin=self.pruner.device.type == "cuda"))
 
     def _observe(self, acts: Activations, index: int, hessian: bool = False) -> dict[str, LayerStats]:
         """Input statistics of block ``index``'s layers without advancing: with its dense weights in

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..allocate import ALLOCATORS, COMPARED_BY_DEFAULT
+from ..allocate import CANDIDATE_ALLOCATIONS, COMPARED_BY_DEFAULT
 from ..api import PruneOutcome, prune
 from ..config import PruneConfig, merge
 from ..errors import ConfigError
@@ -208,7 +208,7 @@ def allocation_analysis(
     ``allocation.{json,md,png}`` there. The model is left dense, as it was given."""
     evaluate = bool(config is not None and config.evaluate)
     config = common.analysis_config(config)
-    names = common.split_names(allocations, ALLOCATORS, "allocation")
+    names = common.split_names(allocations, CANDIDATE_ALLOCATIONS, "allocation")
     target = common.check_sparsity(config.sparsity if config.sparsity is not None else 0.5)
     configs = cell_configs(config, names, config.metric, target)
     if plot and output is not None:

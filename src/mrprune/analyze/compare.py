@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..allocate import ALLOCATORS
+from ..allocate import CANDIDATE_ALLOCATIONS
 from ..config import PruneConfig
 from ..evaluate import zeroshot as zs
 from ..export import input_paths
@@ -174,7 +174,7 @@ def compare(
     zero-shot accuracy. With ``output`` (a Markdown file) the table is written there, the rows to the .json and
     the plot to the .png beside it. The model is left dense, as it was given."""
     config = common.analysis_config(config, zeroshot=True)
-    alloc_names = common.split_names(allocations, ALLOCATORS, "allocation")
+    alloc_names = common.split_names(allocations, CANDIDATE_ALLOCATIONS, "allocation")
     metric_names = common.split_names(metrics, METRICS, "metric")
     levels = [common.check_sparsity(s, "sparsities") for s in common.split_numbers(sparsities, "sparsities")]
     configs = {(m, s): cell_configs(config, alloc_names, m, s) for m in metric_names for s in levels}

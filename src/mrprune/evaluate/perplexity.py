@@ -61,12 +61,18 @@ def wants_bos(tokenizer, model_type: str | None = None) -> bool:
     return tokenizer_adds_bos(tokenizer) or (model_type in NEEDS_BOS and tokenizer.bos_token_id is not None)
 
 
-def eval_windows(tokenizer, text: str, seqlen: int, max_windows: int | None, bos: str,
-                 model_type: str | None = None) -> tuple[torch.Tensor, bool]:
-    """(windows x seqlen) token ids and whether each window starts with BOS."""
+def bos_per_window(tokenizer, bos: str, model_type: str | None = None) -> bool:
+    """What ``--bos`` means for this tokenizer and architecture; DataError if it asks for a BOS there is not."""
     per_window_bos = bos == "always" or (bos == "auto" and wants_bos(tokenizer, model_type))
     if per_window_bos and getattr(tokenizer, "bos_token_id", None) is None:
         raise DataError("BOS per window was asked for but the tokenizer has no BOS token")
+    return per_window_bos
+
+
+def eval_windows(tokenizer, text: str, seqlen: int, max_windows: int | None, bos: str,
+                 model_type: str | None = None) -> tuple[torch.Tensor, bool]:
+    """(windows x seqlen) token ids and whether each window starts with BOS."""
+    per_window_bos = bos_per_window(tokenizer, bos, model_type)
     ids = torch.tensor(tokenizer(text, add_special_tokens=not per_window_bos).input_ids, dtype=torch.long)
     width = seqlen - 1 if per_window_bos else seqlen
     count = ids.numel() // width
@@ -78,6 +84,15 @@ def eval_windows(tokenizer, text: str, seqlen: int, max_windows: int | None, bos
     if per_window_bos:
         windows = torch.cat([torch.full((count, 1), tokenizer.bos_token_id, dtype=torch.long), windows], dim=1)
     return windows, per_window_bos
+
+
+def with_bos(windows: torch.Tensor, tokenizer, bos: str, model_type: str | None = None) -> tuple[torch.Tensor, bool]:
+    """Token windows cut elsewhere (calibration's held-out windows), given a BOS as :func:`eval_windows` gives
+    its own: BOS, then the window's first seqlen - 1 tokens. Returns them and whether BOS was put."""
+    if not bos_per_window(tokenizer, bos, model_type):
+        return windows, False
+    starts = torch.full((windows.shape[0], 1), tokenizer.bos_token_id, dtype=windows.dtype)
+    return torch.cat([starts, windows[:, :-1]], dim=1), True
 
 
 @torch.inference_mode()

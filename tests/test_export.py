@@ -125,3 +125,36 @@ def test_crash_during_export_leaves_nothing_behind(tiny_dir, tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="disk full"):
         prune(config=job(model_dir, out), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [model_dir.name]
+
+
+def test_export_writes_a_model_card_that_reproduces_the_job(tiny_dir, tmp_path):
+    import yaml
+
+    from mrprune.config import from_dict
+
+    model_dir = tiny_dir("llama")
+    out = tmp_path / "pruned"
+    config = job(model_dir, out, sparsity=0.6, metric="sparsegpt", evaluate=True,
+                 **{"evaluation.text": "embedded", "evaluation.seqlen": 64, "evaluation.max_windows": 2})
+    outcome = prune(config=config, progress=False)
+    card = (out / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "transformers" and "sparsegpt" in meta["tags"] and "base_model" not in meta
+    report = outcome.report.to_dict()
+    assert f"{report['sparsity']['achieved']:.6f} of {report['sparsity']['weights']:,}" in body
+    after = report["perplexity"]["after"]
+    assert f"{after['perplexity']:.3f} after ({after['protocol']})" in body
+    for block in report["blocks"]:
+        assert f"| {block['index']} | {block['target']:.4f} | {block['sparsity']:.4f} |" in body
+    settings = body.split("```yaml\n", 1)[1].split("```", 1)[0]
+    again = from_dict(PruneConfig, yaml.safe_load(settings))  # the settings block is a valid --config
+    assert again == merge(config, {"output": None}).validate()
+
+
+def test_model_card_names_a_hub_source_only():
+    from mrprune.card import hub_id
+
+    assert hub_id("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert hub_id("./models/x") is None and hub_id("/abs/path") is None and hub_id("a/b/c") is None
+    assert hub_id("LlamaForCausalLM") is None and hub_id(None) is None

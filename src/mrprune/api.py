@@ -13,6 +13,7 @@ import torch
 from . import preflight
 from .allocate import AllocationContext, AutoAllocator, IterativeAllocator, build_allocator
 from .allocate.select import choose
+from .card import hub_id
 from .checkpoint import Checkpoint, fingerprint
 from .config import CHOICES, PruneConfig, check_choice, check_positive, merge
 from .data import load_eval_text, read_corpus, sample_calibration, sample_with_heldout
@@ -470,7 +471,8 @@ def _prune_with(config: PruneConfig, target: _Target, adapter: ModelAdapter, met
     output = None
     if config.output is not None:
         written = report.to_dict()
-        output = export_model(model, tokenizer, config.output, written, config.overwrite, target.protect)
+        output = export_model(model, tokenizer, config.output, written, config.overwrite, target.protect,
+                              base_model=hub_id(target.identity) if target.local_dir is None else None)
         report.timings_s = written["timings_s"]
     return PruneOutcome(model, tokenizer, report, output)
 

@@ -16,12 +16,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .card import model_card
 from .errors import OutputError, ResourceError, reason
 from .models.loading import strip_gguf_quantizer
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "mrprune_report.json"
+CARD_NAME = "README.md"
 #: the export's size beyond its weights (tokenizer, config, report, safetensors headers), as a fraction
 EXPORT_OVERHEAD = 0.10
 
@@ -173,8 +175,9 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def export_model(model, tokenizer, output: str | Path, report: dict[str, Any], overwrite: bool,
-                 protect: Path | Sequence[Path | None] | None = None) -> Path:
-    """Save safetensors weights, config, tokenizer and ``mrprune_report.json`` to ``output`` atomically.
+                 protect: Path | Sequence[Path | None] | None = None, base_model: str | None = None) -> Path:
+    """Save safetensors weights, config, tokenizer, ``mrprune_report.json`` and a model card (README.md,
+    naming ``base_model`` when the source has a hub id) to ``output`` atomically.
 
     The report's ``timings_s`` gains the export's own duration before it is written."""
     out = check_output(output, overwrite, protect)
@@ -188,5 +191,6 @@ def export_model(model, tokenizer, output: str | Path, report: dict[str, Any], o
             tokenizer.save_pretrained(tmp)
         report.setdefault("timings_s", {})["export"] = round(time.perf_counter() - start, 3)
         write_json(tmp / REPORT_NAME, report)
+        (tmp / CARD_NAME).write_text(model_card(report, base_model), encoding="utf-8")
 
     return write_dir_atomically(out, fill)

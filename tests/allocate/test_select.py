@@ -10,6 +10,7 @@ import torch
 import mrprune
 from mrprune import CalibrationConfig, PruneConfig
 from mrprune.allocate.select import choose
+from mrprune.card import model_card
 from mrprune.config import AllocationConfig, AutoConfig, RuntimeConfig
 from mrprune.data import Corpus, read_corpus, sample_calibration, sample_with_heldout
 from mrprune.errors import ConfigError, DataError
@@ -117,6 +118,7 @@ def test_auto_prunes_with_the_candidate_of_lowest_heldout_perplexity(tokenizer, 
     assert len(set(scores.values())) == 3  # the candidates did prune differently
     assert outcome.report.allocation["method"] == selection["chosen"]
     assert "chosen     " + selection["chosen"] in outcome.report.format_text()
+    assert f"{selection['chosen']}, chosen by `--allocation auto`" in model_card(outcome.report.to_dict())
 
     # the result is the chosen allocation's own run: the same weights as pruning a copy with it directly
     direct = tiny_model("llama", seed=1)
@@ -135,17 +137,22 @@ def test_auto_prunes_with_the_candidate_of_lowest_heldout_perplexity(tokenizer, 
     assert value == pytest.approx(scores[selection["chosen"]], rel=1e-6)
 
 
-def test_auto_with_an_offload_dir_gives_the_same_model(tokenizer, one_thread, tmp_path):
+@pytest.mark.parametrize("placement", ["offload", "offload_dir"])
+def test_auto_offloaded_gives_the_same_model_and_choice(tokenizer, one_thread, tmp_path, device, placement):
+    """Offloaded blocks (and, with --offload-dir, blocks and the dense copy in scratch files) are restored
+    between candidates exactly as resident ones."""
     plain = tiny_model("qwen2", seed=2)
-    spilled = tiny_model("qwen2", seed=2)
-    first = mrprune.prune(plain, auto_config(), tokenizer=tokenizer, progress=False)
-    second = mrprune.prune(spilled, auto_config(offload_dir=str(tmp_path / "scratch")), tokenizer=tokenizer,
+    moved = tiny_model("qwen2", seed=2)
+    settings = {"offload": True} if placement == "offload" else {"offload_dir": str(tmp_path / "scratch")}
+    first = mrprune.prune(plain, auto_config(device=str(device)), tokenizer=tokenizer, progress=False)
+    second = mrprune.prune(moved, auto_config(device=str(device), **settings), tokenizer=tokenizer,
                            progress=False)
-    assert first.report.extra["allocation_selection"] == {
-        **second.report.extra["allocation_selection"],
-        "candidates": first.report.extra["allocation_selection"]["candidates"]}
-    a, b = linear_weights(plain), linear_weights(spilled)
-    assert all(torch.equal(a[n], b[n]) for n in a)
+    a, b = first.report.extra["allocation_selection"], second.report.extra["allocation_selection"]
+    assert a["chosen"] == b["chosen"]
+    for x, y in zip(a["candidates"], b["candidates"]):
+        assert x["heldout_perplexity"] == pytest.approx(y["heldout_perplexity"], rel=1e-4)
+    a, b = linear_weights(plain), linear_weights(moved)
+    assert all(torch.equal(a[n].cpu(), b[n].cpu()) for n in a)
 
 
 @pytest.mark.parametrize("change, fragment", [

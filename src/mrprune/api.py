@@ -423,6 +423,7 @@ def _prune_with(config: PruneConfig, target: _Target, adapter: ModelAdapter, met
     model, tokenizer = target.model, target.tokenizer
     assert model is not None
     offload = config.runtime.offloads
+    place_model(model, adapter.blocks_name, device, offload)  # where it will be pruned: measured there before too
 
     def measure() -> PerplexityResult:
         e = config.evaluation

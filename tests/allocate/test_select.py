@@ -133,7 +133,7 @@ def test_auto_prunes_with_the_candidate_of_lowest_heldout_perplexity(tokenizer, 
     corpus = read_corpus("embedded", "calibration")
     held = sample_with_heldout(corpus, tokenizer, 8, 64, 0, heldout=4)[1]
     windows, bos = with_bos(held, tokenizer, "auto", "llama")
-    value = windows_perplexity(model, windows, bos, corpus.name, torch.device("cpu"), False).perplexity
+    value = windows_perplexity(model, windows, bos, corpus.name, next(model.parameters()).device, False).perplexity
     assert value == pytest.approx(scores[selection["chosen"]], rel=1e-6)
 
 

@@ -15,7 +15,7 @@ import transformers
 
 from mrprune import PruneConfig, prune
 from mrprune.allocate.mrp import MrpRun
-from mrprune.checkpoint import PROGRESS
+from mrprune.checkpoint import PROGRESS, Checkpoint
 from mrprune.config import merge
 from mrprune.errors import CheckpointError, ConfigError
 from mrprune.runner import SequentialPruner
@@ -52,6 +52,7 @@ def interrupt_after(monkeypatch, owner, name, calls):
     monkeypatch.setattr(owner, name, wrapper)
 
 
+AUTO = {"allocation.method": "auto", "allocation.auto.candidates": "uniform,owl", "allocation.auto.windows": 2}
 CASES = {
     "uniform-wanda": ({}, SequentialPruner, "save_progress", 1),
     "uniform-sparsegpt": ({"metric": "sparsegpt"}, SequentialPruner, "save_progress", 2),
@@ -63,6 +64,10 @@ CASES = {
                        "save_progress", 1),
     "mrp-start": ({"allocation.method": "mrp"}, SequentialPruner, "save_progress", 1),
     "mrp-iterate": ({"allocation.method": "mrp"}, MrpRun, "_save_progress", 2),
+    # auto with two candidates commits after each candidate (1, 2), with its choice (3), then per block (4, ...)
+    "auto-measuring": (AUTO, Checkpoint, "commit", 1),
+    "auto-chosen": (AUTO, Checkpoint, "commit", 3),
+    "auto-winner": (AUTO, Checkpoint, "commit", 4),
 }
 
 
@@ -87,6 +92,36 @@ def test_resume_after_interruption_matches_an_uninterrupted_run_bit_for_bit(tiny
     assert resumed.report.allocation["block_targets"] == reference.report.allocation["block_targets"]
     assert resumed.report.extra["resumed_from"] == str(ckpt.resolve())
     assert [p.name for p in ckpt.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("commits, measured_on_resume", [(1, ["owl"]), (3, []), (4, [])])
+def test_resumed_auto_runs_only_what_is_missing(tiny_dir, tmp_path, monkeypatch, commits, measured_on_resume):
+    """Interrupted after its first candidate, auto measures only the second on resume; once it has chosen, it
+    measures none and only the winner's pass runs (again, or on from its saved block)."""
+    import mrprune.api
+
+    model_dir = tiny_dir("llama")
+    ckpt = tmp_path / "ckpt"
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, Checkpoint, "commit", commits)
+        with pytest.raises(KeyboardInterrupt):
+            prune(config=job(model_dir, None, ckpt, **AUTO), progress=False)
+    original = mrprune.api._allocate_and_prune
+    ran = []
+
+    def spy(config, *args, **kwargs):
+        ran.append(config.allocation.method)
+        return original(config, *args, **kwargs)
+
+    monkeypatch.setattr(mrprune.api, "_allocate_and_prune", spy)
+    resumed = prune(config=job(model_dir, None, ckpt, **{"runtime.resume": True}, **AUTO), progress=False)
+    selection = resumed.report.extra["allocation_selection"]
+    assert [c["allocation"] for c in selection["candidates"]] == ["uniform", "owl"]
+    assert ran == [*measured_on_resume, selection["chosen"]]
+    assert resumed.report.extra["resumed_from"] == str(ckpt.resolve())
+    assert (ckpt / "allocator-auto.json").is_file()
+    Checkpoint(ckpt, {}, None).remove()
+    assert not ckpt.exists()  # the selection's files belong to the checkpoint
 
 
 def test_finished_checkpoint_re_exports_without_pruning_and_can_be_removed(tiny_dir, tmp_path, monkeypatch):

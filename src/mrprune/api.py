@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,12 @@ import torch
 
 from . import preflight
 from .allocate import AllocationContext, AutoAllocator, IterativeAllocator, build_allocator
-from .allocate.select import choose
+from .allocate.select import CandidateResult, Selection, choose
 from .card import hub_id
 from .checkpoint import Checkpoint, fingerprint
 from .config import CHOICES, PruneConfig, check_choice, check_positive, merge
 from .data import load_eval_text, read_corpus, sample_calibration, sample_with_heldout
-from .errors import ConfigError, reason
+from .errors import CheckpointError, ConfigError, reason
 from .evaluate import zeroshot as zs
 from .evaluate.perplexity import (
     PerplexityResult,
@@ -434,10 +435,11 @@ def _prune_with(config: PruneConfig, target: _Target, adapter: ModelAdapter, met
     ppl = {}
     if config.evaluate:
         ppl["before"] = measure().to_dict()
+    resumed = checkpoint is not None and checkpoint.resuming  # auto may restart it for the winner's pass
     selection, run_config, dense_stats = None, config, None
     if isinstance(allocator, AutoAllocator):
         selection, run_config, dense_stats = _select_allocation(config, adapter, metric, pattern, calib_ids,
-                                                                heldout, device, timer, progress, spill)
+                                                                heldout, device, timer, progress, spill, checkpoint)
         allocator = build_allocator(run_config.allocation.method, run_config)
     allocation, records, runner, _ = _allocate_and_prune(run_config, adapter, metric, allocator, pattern,
                                                          calib_ids, device, timer, progress, checkpoint, spill,
@@ -457,7 +459,7 @@ def _prune_with(config: PruneConfig, target: _Target, adapter: ModelAdapter, met
         zeroshot=zeroshot,
         memory_mib={"peak_host": round(peak_host_memory_mib(), 1), "peak_device": peak_device_memory_mib(device)},
     )
-    if checkpoint is not None and checkpoint.resuming:
+    if resumed and checkpoint is not None:
         report.extra["resumed_from"] = str(checkpoint.directory)
     if selection is not None:
         report.extra["allocation_selection"] = selection.to_dict()
@@ -505,15 +507,33 @@ def _allocate_and_prune(config: PruneConfig, adapter: ModelAdapter, metric, allo
 
 
 def _select_allocation(config: PruneConfig, adapter: ModelAdapter, metric, pattern, calib_ids, heldout,
-                       device: torch.device, timer: PhaseTimer, progress: bool, spill: SpillStore | None):
+                       device: torch.device, timer: PhaseTimer, progress: bool, spill: SpillStore | None,
+                       checkpoint: Checkpoint | None):
     """``--allocation auto``: every candidate prunes the same dense weights (kept on the host, or in the
     ``--offload-dir`` files) and is measured on the held-out windows. Returns the selection, the winner's config
-    and the dense model's statistics (measured once for all), and leaves the model dense."""
+    and the dense model's statistics (measured once for all; None if no candidate ran), and leaves the model
+    dense. With a checkpoint, each candidate's result is saved as it comes; a resumed run measures only the
+    candidates not yet measured, or none if the winner's pass had begun (it then resumes that pass)."""
     names = config.allocation.candidate_names()
+    windows, per_window_bos, source = heldout
+    protocol = (f"{windows.shape[0]} windows of {windows.shape[1]} tokens of {source} that calibration did not "
+                f"use{', each starting with BOS' if per_window_bos else ''}")
+    digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
+    saved = None
+    if checkpoint is not None and checkpoint.resuming:  # measuring: in progress.json; the winner's pass: beside it
+        auto_stage = checkpoint.stage() == "auto"
+        saved = (checkpoint.progress or {}).get("state", {}).get("auto") if auto_stage else checkpoint.load_json("auto")
+    if checkpoint is not None and saved is not None and saved.get("heldout") != digest:
+        raise CheckpointError(f"checkpoint in {checkpoint.directory} measured its candidates on other held-out "
+                              "windows; resume with the original calibration options")
+    done = [CandidateResult(**c) for c in saved["candidates"]] if saved else []
+    if saved and saved.get("chosen") and checkpoint is not None and checkpoint.stage() != "auto":
+        selection = Selection(saved["chosen"], done, protocol)  # the winner's own pass had begun: it resumes
+        return selection, merge(config, {"allocation.method": selection.chosen}), None
+
     layers = adapter.all_linear_layers()
     dense = host_copies(layers, spill, pin=device.type == "cuda")
     shared: dict[str, Any] = {}
-    windows, per_window_bos, source = heldout
 
     def prune_with(name: str) -> float:
         candidate = merge(config, {"allocation.method": name})
@@ -533,10 +553,17 @@ def _select_allocation(config: PruneConfig, adapter: ModelAdapter, metric, patte
         for ref in layers:
             ref.set_weight(dense[ref.name])
 
-    protocol = (f"{windows.shape[0]} windows of {windows.shape[1]} tokens of {source} that calibration did not "
-                f"use{', each starting with BOS' if per_window_bos else ''}")
-    selection = choose(names, prune_with, measure, restore, protocol)
+    def save(results: list[CandidateResult], chosen: str | None = None) -> None:
+        if checkpoint is not None:
+            data = {"heldout": digest, "chosen": chosen, "candidates": [asdict(r) for r in results]}
+            checkpoint.commit("auto", [], state={"auto": data})  # one atomic write: what a resume reads
+            checkpoint.save_json("auto", data)  # kept once the winner's pass overwrites progress.json
+
+    selection = choose(names, prune_with, measure, restore, protocol, done, save)
     log.info("auto: %s chosen (%s)", selection.chosen, protocol)
+    if checkpoint is not None:
+        save(selection.candidates, selection.chosen)
+        checkpoint.restart()  # the winner's pass starts from block 0 and saves its own progress
     return selection, merge(config, {"allocation.method": selection.chosen}), shared.get("stats")
 
 

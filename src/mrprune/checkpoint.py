@@ -152,6 +152,10 @@ def allocator_file(name: str) -> str:
     return f"{ALLOCATOR_PREFIX}{name}.safetensors"
 
 
+def allocator_json(name: str) -> str:
+    return f"{ALLOCATOR_PREFIX}{name}.json"
+
+
 def block_file(index: int) -> str:
     return f"block-{index:05d}.safetensors"
 
@@ -264,6 +268,28 @@ class Checkpoint:
         tensors = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
         _atomic(self.directory / allocator_file(name), lambda tmp: save_file(tensors, tmp))
 
+    def save_json(self, name: str, data: dict[str, Any]) -> None:
+        """Write an allocator's own record (e.g. ``auto``'s candidates measured so far), atomically."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(data, indent=1) + "\n"
+        _atomic(self.directory / allocator_json(name), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    def load_json(self, name: str) -> dict[str, Any] | None:
+        """What :meth:`save_json` wrote under ``name``, or None if nothing was."""
+        path = self.directory / allocator_json(name)
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {path}: {exc}") from None
+
+    def restart(self) -> None:
+        """Forget the saved progress: the pruning pass that follows starts from block 0 (``auto`` resumed while it
+        was still measuring candidates, so its final pass had not begun)."""
+        self.progress = None
+        self._resumed = False
+
     def load_tensors(self, name: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
@@ -289,6 +315,7 @@ class Checkpoint:
             "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         }
         text = json.dumps(progress, indent=1) + "\n"
+        self.directory.mkdir(parents=True, exist_ok=True)  # auto commits before any block is saved
         _atomic(self.directory / PROGRESS, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         for old in self.directory.glob("activations-*.safetensors"):
             if old.name != progress["activations"]:
@@ -345,7 +372,8 @@ class Checkpoint:
 def _ours(path: Path) -> bool:
     """A file a checkpoint writes (besides progress.json)."""
     return path.is_file() and (path.name.startswith(_TMP_PREFIX) or (
-        path.name.startswith(("block-", "activations-", ALLOCATOR_PREFIX)) and path.suffix == ".safetensors"))
+        path.name.startswith(("block-", "activations-", ALLOCATOR_PREFIX)) and path.suffix == ".safetensors")
+        or (path.name.startswith(ALLOCATOR_PREFIX) and path.suffix == ".json"))
 
 
 def describe(progress: dict[str, Any]) -> str:

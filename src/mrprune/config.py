@@ -269,9 +269,6 @@ def _check_auto(config: PruneConfig) -> None:
         raise ConfigError(f"allocation.auto.candidates needs at least two different allocations, got "
                           f"{config.allocation.auto.candidates!r}")
     check_positive("allocation.auto.windows", config.allocation.auto.windows)
-    if config.runtime.checkpoint_dir:
-        raise ConfigError("--allocation auto cannot be checkpointed: run it without --checkpoint-dir, or prune "
-                          "with the allocation it chose (the report's allocation_selection) and --checkpoint-dir")
 
 
 def _check_zeroshot(e: EvalConfig) -> None:

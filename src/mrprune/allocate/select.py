@@ -59,12 +59,19 @@ class Selection:
 
 
 def choose(names: Sequence[str], prune_with: Callable[[str], float], measure: Callable[[], float],
-           restore: Callable[[], None], protocol: str) -> Selection:
+           restore: Callable[[], None], protocol: str, done: Sequence[CandidateResult] = (),
+           on_result: Callable[[list[CandidateResult]], None] | None = None) -> Selection:
     """Prune with each candidate (``prune_with(name)`` returns the global sparsity reached), measure it, restore
     the dense weights; the lowest finite perplexity wins, ties to the earlier candidate. The model is left dense:
-    the caller prunes it once more with the winner, so the result is that allocation's own run."""
+    the caller prunes it once more with the winner, so the result is that allocation's own run. Candidates in
+    ``done`` (measured by an interrupted run) are not run again; ``on_result`` sees the results after each new
+    one (to save them)."""
+    known = {c.allocation: c for c in done}
     results = []
     for name in names:
+        if name in known:
+            results.append(known[name])
+            continue
         start = time.perf_counter()
         try:
             achieved = prune_with(name)
@@ -73,6 +80,8 @@ def choose(names: Sequence[str], prune_with: Callable[[str], float], measure: Ca
             restore()
         results.append(CandidateResult(name, value, achieved, round(time.perf_counter() - start, 3)))
         log.info("auto: %s reaches %.4f, held-out perplexity %.4f", name, achieved, value)
+        if on_result is not None:
+            on_result(results)
     finite = [r for r in results if math.isfinite(r.heldout_perplexity)]
     best = min(finite, key=lambda r: r.heldout_perplexity) if finite else results[0]
     return Selection(best.allocation, results, protocol)

@@ -4,7 +4,8 @@ Calibration follows the Wanda/SparseGPT protocol: with documents, pick a random 
 ``seqlen`` and a random window inside it, ``nsamples`` times (Python's ``random`` seeded with ``seed``); with
 one running text, pick random windows of it. The embedded source is CPython's own documentation
 (``pydoc_data.topics``): four fifths of its unique paragraphs for calibration, the other fifth for evaluation,
-so the two never overlap.
+so the two never overlap. ``--allocation auto`` also draws held-out windows from the calibration source, disjoint
+from the calibration windows (:func:`sample_with_heldout`).
 """
 
 from __future__ import annotations

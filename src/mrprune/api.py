@@ -44,7 +44,7 @@ from .models.loading import (
     skeleton,
 )
 from .numerics import check_weights
-from .report import PruneReport
+from .report import PruneReport, sparsity_summary
 from .runner import SequentialPruner
 from .runtime import PhaseTimer, peak_device_memory_mib, peak_host_memory_mib, place_model
 from .spill import SpillStore, host_copies, on_ram
@@ -537,12 +537,13 @@ def _select_allocation(config: PruneConfig, adapter: ModelAdapter, metric, patte
 
     def prune_with(name: str) -> float:
         candidate = merge(config, {"allocation.method": name})
-        _, records, _, stats = _allocate_and_prune(candidate, adapter, metric, build_allocator(name, candidate),
-                                                   pattern, calib_ids, device, timer, progress, None, spill,
-                                                   shared.get("stats"))
+        allocation, records, _, stats = _allocate_and_prune(candidate, adapter, metric,
+                                                            build_allocator(name, candidate), pattern, calib_ids,
+                                                            device, timer, progress, None, spill,
+                                                            shared.get("stats"))
         if stats is not None:
             shared["stats"] = stats
-        return sum(rec.zeros for rec in records) / max(sum(rec.numel for rec in records), 1)
+        return sparsity_summary(records, allocation.target)["achieved"]
 
     def measure() -> float:
         with timer.phase("allocation selection"):

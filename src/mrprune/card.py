@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from .report import selection_scores
+
 
 def model_card(report: dict[str, Any], base_model: str | None = None) -> str:
     """README.md text for an export whose ``mrprune_report.json`` is ``report``; ``base_model`` is the source's
@@ -64,8 +66,8 @@ def model_card(report: dict[str, Any], base_model: str | None = None) -> str:
 def _allocation_text(allocation: dict[str, Any], selection: dict[str, Any] | None) -> str:
     text = str(allocation.get("method"))
     if selection:
-        scores = ", ".join(f"{c['allocation']} {c['heldout_perplexity']:.4g}" for c in selection["candidates"])
-        text += f", chosen by `--allocation auto` (held-out perplexity: {scores}; {selection['protocol']})"
+        text += (f", chosen by `--allocation auto` (held-out perplexity: {selection_scores(selection)}; "
+                 f"{selection['protocol']})")
     return text
 
 

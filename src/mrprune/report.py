@@ -46,6 +46,11 @@ def sparsity_summary(records: list[LayerRecord], target: float) -> dict[str, Any
     }
 
 
+def selection_scores(selection: dict[str, Any]) -> str:
+    """``--allocation auto``'s candidates with their held-out perplexity, as the summaries print them."""
+    return ", ".join(f"{c['allocation']} {c['heldout_perplexity']:.4g}" for c in selection["candidates"])
+
+
 def block_summary(records: list[LayerRecord], block_targets: list[float]) -> list[dict[str, Any]]:
     rows = []
     for index, target in enumerate(block_targets):
@@ -129,8 +134,8 @@ class PruneReport:
         lines += [f"{b['index']:>5}  {b['target']:.4f}   {b['sparsity']:.4f}" for b in self.blocks]
         if "allocation_selection" in self.extra:
             sel = self.extra["allocation_selection"]
-            scores = ", ".join(f"{c['allocation']} {c['heldout_perplexity']:.4g}" for c in sel["candidates"])
-            lines += ["", f"chosen     {sel['chosen']} by held-out perplexity: {scores}", f"           ({sel['protocol']})"]
+            lines += ["", f"chosen     {sel['chosen']} by held-out perplexity: {selection_scores(sel)}",
+                      f"           ({sel['protocol']})"]
         lines += [
             "",
             f"global sparsity {s['achieved']:.6f} (target {s['target']:.6f}, {s['zeros']} of {s['weights']} weights; "

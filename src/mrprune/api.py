@@ -256,6 +256,7 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
     _check_places(config, target.local_dir)
 
     # 2. the text: too little of it is an error before the weights load
+    model_type = getattr(target.model_config, "model_type", None)  # where BOS goes (Gemma needs it)
     calib_ids = None
     heldout = None  # --allocation auto: (windows, whether each starts with BOS, source name)
     eval_corpus = None
@@ -271,7 +272,6 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
             if isinstance(allocator, AutoAllocator):
                 calib_ids, held = sample_with_heldout(corpus, tokenizer, c.nsamples, c.seqlen, c.seed,
                                                       config.allocation.auto.windows)
-                model_type = getattr(target.model_config, "model_type", None)
                 heldout = (*with_bos(held, tokenizer, config.evaluation.bos, model_type), corpus.name)
             else:
                 calib_ids = sample_calibration(corpus, tokenizer, c.nsamples, c.seqlen, c.seed)
@@ -280,7 +280,7 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
             e = config.evaluation
             eval_corpus = load_eval_text(e.text)
             eval_windows(tokenizer, eval_corpus.text or "", e.seqlen, e.max_windows, e.bos,  # too short: fail now
-                         getattr(getattr(target.model, "config", None), "model_type", None))
+                         model_type)
 
     # 3. what the model's shape decides: pattern, allocation, output and checkpoint room, memory
     shaped = target.model

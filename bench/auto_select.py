@@ -23,6 +23,7 @@ from common import C4, WIKITEXT
 
 from mrprune import PruneConfig, prune
 from mrprune.allocate import COMPARED_BY_DEFAULT
+from mrprune.analyze.common import restore, snapshot
 from mrprune.config import merge
 from mrprune.data import load_eval_text, read_corpus, sample_with_heldout
 from mrprune.evaluate.perplexity import perplexity, windows_perplexity, with_bos
@@ -55,7 +56,7 @@ def main() -> None:
         loaded = load_model(path or None, dtype=args.dtype, device=args.device)  # NAME= : the embedded default
         model, tok = loaded.model, loaded.tokenizer
         adapter = get_adapter(model)
-        dense = {ref.name: ref.weight.detach().to("cpu", copy=True) for ref in adapter.all_linear_layers()}
+        dense = snapshot(adapter.all_linear_layers(), "cpu")
         corpus = read_corpus(str(C4), "calibration")
         ids, held = sample_with_heldout(corpus, tok, args.nsamples, args.seqlen, args.seed, args.heldout)
         held, bos = with_bos(held, tok, "auto", model.config.model_type)
@@ -66,8 +67,7 @@ def main() -> None:
         for sparsity in [float(s) for s in args.sparsities.split(",")]:
             scores = {}
             for method in names:
-                for ref in adapter.all_linear_layers():
-                    ref.set_weight(dense[ref.name])
+                restore(adapter.all_linear_layers(), dense)
                 config = merge(PruneConfig(), {**base, "sparsity": sparsity, "allocation.method": method})
                 start = time.perf_counter()
                 prune(model, config, tokenizer=tok, progress=False, calibration_ids=ids)
@@ -88,8 +88,7 @@ def main() -> None:
             if args.auto_run:
                 timed = {}
                 for method in ("uniform", "auto"):
-                    for ref in adapter.all_linear_layers():
-                        ref.set_weight(dense[ref.name])
+                    restore(adapter.all_linear_layers(), dense)
                     config = merge(PruneConfig(), {**base, "sparsity": sparsity, "allocation.method": method,
                                                    "allocation.auto.candidates": args.candidates,
                                                    "allocation.auto.windows": args.heldout})

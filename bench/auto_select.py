@@ -23,11 +23,11 @@ from common import C4, WIKITEXT
 
 from mrprune import PruneConfig, prune
 from mrprune.allocate import COMPARED_BY_DEFAULT
-from mrprune.analyze.common import restore, snapshot
 from mrprune.config import merge
 from mrprune.data import load_eval_text, read_corpus, sample_with_heldout
 from mrprune.evaluate.perplexity import perplexity, windows_perplexity, with_bos
 from mrprune.models import get_adapter, load_model, resolve_device
+from mrprune.spill import restore, snapshot
 
 
 def main() -> None:

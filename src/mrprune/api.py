@@ -47,7 +47,7 @@ from .numerics import check_weights
 from .report import PruneReport, sparsity_summary
 from .runner import SequentialPruner
 from .runtime import PhaseTimer, peak_device_memory_mib, peak_host_memory_mib, place_model
-from .spill import SpillStore, host_copies, on_ram
+from .spill import SpillStore, host_copies, on_ram, restore
 
 log = logging.getLogger(__name__)
 
@@ -550,17 +550,13 @@ def _select_allocation(config: PruneConfig, adapter: ModelAdapter, metric, patte
             return windows_perplexity(adapter.model, windows, per_window_bos, source, device, False,
                                       config.runtime.offloads).perplexity
 
-    def restore() -> None:
-        for ref in layers:
-            ref.set_weight(dense[ref.name])
-
     def save(results: list[CandidateResult], chosen: str | None = None) -> None:
         if checkpoint is not None:
             data = {"heldout": digest, "chosen": chosen, "candidates": [asdict(r) for r in results]}
             checkpoint.commit("auto", [], state={"auto": data})  # one atomic write: what a resume reads
             checkpoint.save_json("auto", data)  # kept once the winner's pass overwrites progress.json
 
-    selection = choose(names, prune_with, measure, restore, protocol, done, save)
+    selection = choose(names, prune_with, measure, lambda: restore(layers, dense), protocol, done, save)
     log.info("auto: %s chosen (%s)", selection.chosen, protocol)
     if checkpoint is not None:
         save(selection.candidates, selection.chosen)

@@ -14,11 +14,16 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import ResourceError, reason
+
+if TYPE_CHECKING:
+    from .models.adapter import LinearRef
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +97,18 @@ def host_copies(layers, spill: SpillStore | None, pin: bool = False) -> dict[str
         saved = ref.weight.detach().to("cpu", copy=True)
         copies[ref.name] = saved.pin_memory() if pin else saved
     return copies
+
+
+def snapshot(layers: Sequence[LinearRef], to: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Copies of the layers' (out x in) weights, where they are or on ``to`` (the CPU keeps device memory free)."""
+    return {ref.name: ref.weight.detach().to(to, copy=True) if to is not None else ref.weight.detach().clone()
+            for ref in layers}
+
+
+def restore(layers: Sequence[LinearRef], saved: dict[str, torch.Tensor]) -> None:
+    """Write snapshotted weights back, bit for bit (same dtype, so the copy is exact)."""
+    for ref in layers:
+        ref.set_weight(saved[ref.name])
 
 
 def on_ram(path: str | Path, mountinfo: str = "/proc/self/mountinfo") -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .. import spill
 from ..allocate import CANDIDATE_ALLOCATIONS, COMPARED_BY_DEFAULT
 from ..api import PruneOutcome, prune
 from ..config import PruneConfig, merge
@@ -45,7 +46,7 @@ class DenseReference:
     def __init__(self, job: common.Job, input_ids: torch.Tensor | None, m: float, progress: bool = False):
         self.job = job
         self.layers = job.adapter.all_linear_layers()
-        self.weights = common.snapshot(self.layers, "cpu")
+        self.weights = spill.snapshot(self.layers, "cpu")
         self.input_ids = input_ids
         self.progress = progress
         self.taus: list[float] | None = None
@@ -56,7 +57,7 @@ class DenseReference:
             self.dense_ratios = non_outlier_ratios(job.adapter, sq_norms, self.taus)
 
     def restore(self) -> None:
-        common.restore(self.layers, self.weights)
+        spill.restore(self.layers, self.weights)
 
     def prune(self, config: PruneConfig) -> PruneOutcome:
         self.restore()

@@ -32,7 +32,7 @@ from ..export import (
 from ..metrics import build_metric
 from ..metrics.base import sq_norms
 from ..metrics.pattern import SparsityPattern
-from ..models.adapter import LinearRef, ModelAdapter, declared_num_layers, get_adapter
+from ..models.adapter import ModelAdapter, declared_num_layers, get_adapter
 from ..models.loading import open_source, resolve_device
 from ..runner import SequentialPruner
 from ..runtime import place_model
@@ -203,18 +203,6 @@ def layout(adapter: ModelAdapter) -> list[list[tuple[str, tuple[int, ...]]]]:
 
 
 # ---------------------------------------------------------------------------------------- weight snapshots
-
-
-def snapshot(layers: Sequence[LinearRef], to: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-    """Copies of the layers' (out x in) weights, where they are or on ``to`` (the CPU keeps device memory free)."""
-    return {ref.name: ref.weight.detach().to(to, copy=True) if to is not None else ref.weight.detach().clone()
-            for ref in layers}
-
-
-def restore(layers: Sequence[LinearRef], saved: dict[str, torch.Tensor]) -> None:
-    """Write snapshotted weights back, bit for bit (same dtype, so the copy is exact)."""
-    for ref in layers:
-        ref.set_weight(saved[ref.name])
 
 
 # ---------------------------------------------------------------------------------------------- output

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .. import spill
 from ..api import check_pattern
 from ..calibrate import StatsCollector, capture_block_inputs, record_block_calls, run_block
 from ..config import PruneConfig
@@ -325,13 +326,13 @@ def sweep(job: common.Job, metrics: Sequence[str], sparsity: float, pattern: Spa
             targets = {ref.name: sparsity for ref in layers}
             for name, pruner in pruners.items():
                 bar.set_postfix_str(f"block {index}, {name}")
-                saved = common.snapshot(layers)
+                saved = spill.snapshot(layers)
                 records = pruner.prune_layers(layers, targets, stats)
                 achieved[name].append(sum(r.zeros for r in records) / sum(r.numel for r in records))
                 try:
                     values[name].append(measure(index))
                 finally:
-                    common.restore(layers, saved)
+                    spill.restore(layers, saved)
                 del saved
                 bar.update()
             del stats

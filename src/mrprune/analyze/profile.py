@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .. import spill
 from ..config import PruneConfig
 from ..errors import ConfigError
 from ..export import input_paths
@@ -207,7 +208,7 @@ def redundancy_profile(
         dense_source = job.source
         ids = common.calibration_ids(config, job.tokenizer, calibration)
         taus = dense_thresholds(job.adapter, job.observe(ids, progress), m)
-        dense_weights = common.snapshot(job.adapter.all_linear_layers(), "cpu")
+        dense_weights = spill.snapshot(job.adapter.all_linear_layers(), "cpu")
         dense_layout = common.layout(job.adapter)
         dense_vocab = embedding_table(job.model).shape[0]
         del job

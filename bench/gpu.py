@@ -33,7 +33,7 @@ from mrprune.runner import SequentialPruner
 from mrprune.runtime import place_model, streamed_blocks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_llama_shape, llama_shape_config, number_or_text
+from common import C4, WIKITEXT, add_llama_shape, llama_shape_config, number_or_text
 
 GIB = 2**30
 
@@ -136,7 +136,20 @@ def zeroshot_run(model, adapter, args, offload: bool, order: str) -> dict:
     return {"acc": rte["acc"], "items": rte["items"]}
 
 
+def auto_text() -> str:
+    """A running text long enough for 128 x 2048 calibration windows plus auto's held-out windows, sharing no
+    token with them, under the bench tokenizer: the C4 sample's documents joined, then WikiText-2 test."""
+    import pandas
+
+    path = Path("/tmp/mrprune-bench-auto.txt")
+    if not path.exists():
+        path.write_text("\n\n".join(pandas.read_parquet(C4)["text"]) + "\n\n" + WIKITEXT.read_text())
+    return str(path)
+
+
 def mrprune_run(model, ids, args, method: str, offload: bool) -> dict:
+    """One prune() call. 'auto' (--allocation auto over its default candidates) needs real text for its
+    held-out windows: it calibrates on auto_text() through the bench tokenizer instead of on ``ids``."""
     metric, allocation = (method, "uniform") if method in ("magnitude", "wanda", "sparsegpt") else ("wanda", method)
     sparsity = args.sparsity if allocation == "uniform" else args.mrp_sparsity
     mrp = {f"allocation.mrp.{k}": number_or_text(v) for k, v in (p.split("=") for p in args.mrp_options.split())}
@@ -146,12 +159,19 @@ def mrprune_run(model, ids, args, method: str, offload: bool) -> dict:
         "runtime.offload": offload, "runtime.offload_activations": args.offload_activations and offload,
         "runtime.batch_size": args.batch_size,
         "calibration.nsamples": ids.shape[0], "calibration.seqlen": ids.shape[1],
+        **({"calibration.source": auto_text()} if allocation == "auto" else {}),
     })
-    outcome = prune(model, config, progress=args.progress, calibration_ids=ids)
+    if allocation == "auto":
+        outcome = prune(model, config, tokenizer=bench_tokenizer(args.vocab), progress=args.progress)
+    else:
+        outcome = prune(model, config, progress=args.progress, calibration_ids=ids)
     report = outcome.report
     result = {"phases": report.timings_s, "sparsity": report.sparsity["achieved"]}
     if "iterations" in report.allocation:
         result["iterations"] = report.allocation["iterations"]
+    selection = report.extra.get("allocation_selection")
+    if selection:
+        result["selection"] = selection
     return result
 
 
@@ -213,7 +233,8 @@ def main() -> None:
     parser.add_argument("--runs", default="floor,magnitude,wanda,sparsegpt,mrp-fast,mrp",
                         help="also 'eval': perplexity of --eval-windows windows as mrprune computes it (block "
                              "by block when offloaded), 'eval-per-window': window by window; 'zeroshot': RTE "
-                             "through lm-eval as mrprune runs it, 'zeroshot-per-forward': a forward per batch")
+                             "through lm-eval as mrprune runs it, 'zeroshot-per-forward': a forward per batch; "
+                             "'auto': --allocation auto (C4 + WikiText-2 text through a trained tokenizer)")
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--zs-limit", type=int, default=100, help="'zeroshot' runs: RTE items")
     parser.add_argument("--zs-batch-size", type=int, default=8)
@@ -251,6 +272,9 @@ def main() -> None:
                     bench_tokenizer(args.vocab)  # trained once, outside the measurement
                 order = "auto" if run == "zeroshot" else "forward"
                 result = measure(lambda o=offload, order=order: zeroshot_run(model, adapter, args, o, order))
+            elif run == "auto":
+                bench_tokenizer(args.vocab), auto_text()  # built once, outside the measurement
+                result = measure(lambda o=offload, r=run: mrprune_run(model, ids, args, r, o))
             elif run in ("eval", "eval-per-window"):
                 order = "auto" if run == "eval" else "window"
                 result = measure(lambda o=offload, order=order: eval_run(model, adapter, ids, args, o, order))
@@ -259,6 +283,9 @@ def main() -> None:
             rows.append({"run": run, "offload": offload, **result})
             nll = f"mean NLL {result['mean_nll']:.6f} " if "mean_nll" in result else ""
             nll += f"acc {result['acc']:.4f} " if "acc" in result else ""
+            if "selection" in result:
+                nll += "; ".join(f"{c['allocation']} {c['seconds']:.1f}s" for c in result["selection"]["candidates"])
+                nll += f" -> {result['selection']['chosen']} "
             print(f"{run} offload={offload}: {result['seconds']:.1f}s peak {result['peak_gib']:.2f} GiB {nll}"
                   f"{result.get('error') or ''}", flush=True)
             save()

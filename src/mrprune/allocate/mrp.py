@@ -436,7 +436,10 @@ def most_redundant(units: list[Unit], ratios: list[float], zeros: dict[int, int]
 
 
 class MrpAllocator(IterativeAllocator):
+    """The literal loop; FastMrpAllocator shares the options and checks and swaps the run (``job``)."""
+
     name = "mrp"
+    job: type = MrpRun
 
     def __init__(self, options):
         self.options = options
@@ -446,4 +449,4 @@ class MrpAllocator(IterativeAllocator):
 
     def prune(self, ctx: AllocationContext, pruner: SequentialPruner,
               input_ids: torch.Tensor) -> tuple[Allocation, list[LayerRecord]]:
-        return MrpRun(self.options, ctx, pruner, input_ids).run()
+        return self.job(self.options, ctx, pruner, input_ids).run()

@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from ..metrics.base import sq_norms
 from ..redundancy import RedundancyCurve, equalize, row_outlier_counts, spread, thresholds
 from ..runner import LayerRecord, SequentialPruner
-from .base import Allocation, AllocationContext, IterativeAllocator
-from .mrp import Unit, build_units, layer_counts_for, per_unit_on_device, resolve_start, unit_counts
+from .base import Allocation, AllocationContext
+from .mrp import MrpAllocator, Unit, build_units, layer_counts_for, per_unit_on_device, resolve_start, unit_counts
 
 log = logging.getLogger(__name__)
 
@@ -219,15 +219,6 @@ class FastMrpRun:
         return allocation, records
 
 
-class FastMrpAllocator(IterativeAllocator):
+class FastMrpAllocator(MrpAllocator):
     name = "mrp-fast"
-
-    def __init__(self, options):
-        self.options = options
-
-    def check_shape(self, ctx: AllocationContext) -> None:
-        resolve_start(self.options, ctx.target)
-
-    def prune(self, ctx: AllocationContext, pruner: SequentialPruner,
-              input_ids: torch.Tensor) -> tuple[Allocation, list[LayerRecord]]:
-        return FastMrpRun(self.options, ctx, pruner, input_ids).run()
+    job = FastMrpRun

@@ -494,7 +494,7 @@ def _allocate_and_prune(config: PruneConfig, adapter: ModelAdapter, metric, allo
             dense_stats = runner.observe(calib_ids)
         stats = dense_stats
         ctx = AllocationContext(adapter, resolve_target(config, runner.pattern), config.allocation.granularity,
-                                config, dense_stats=None if stats is None else lambda: stats)
+                                config, dense_stats=None if stats is None else lambda: stats, device=device)
         if isinstance(allocator, IterativeAllocator):
             allocation, records = allocator.prune(ctx, runner, calib_ids)
         else:

@@ -11,7 +11,7 @@ from mrprune.allocate.alpha import alpha_sparsities, esd, hill_alpha, ks_distanc
 from mrprune.config import merge
 from mrprune.errors import ConfigError
 from mrprune.models import get_adapter
-from tests.conftest import tiny_model
+from tests.conftest import DEVICES, tiny_model
 
 
 def pareto(alpha: float, n: int, seed: int) -> torch.Tensor:
@@ -128,6 +128,36 @@ def test_estimator_recovers_exponent_from_a_matrix_spectrum(orthogonal, true_alp
     assert torch.allclose(eigenvalues.double(), torch.sort(lam).values, rtol=1e-3)
     alpha, _ = pl_alpha_hill(eigenvalues)
     assert abs(alpha - true_alpha) / true_alpha < 0.10
+
+
+@pytest.mark.parametrize("shape", [(300, 7000), (7000, 300), (257, 257)])  # wide, tall (sliced Gram sums), square
+def test_esd_is_the_squared_singular_values_of_either_orientation(shape):
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randn(*shape, generator=g) * torch.rand(shape[1], generator=g)  # uneven column scales
+    eigenvalues = esd(weight)
+    reference = torch.sort(torch.linalg.svdvals(weight.double()).square()).values
+    assert eigenvalues.dtype == torch.float64 and eigenvalues.shape == (min(shape),)
+    assert torch.allclose(eigenvalues, reference, rtol=1e-9, atol=1e-9 * float(reference[-1]))
+    assert torch.equal(esd(weight.bfloat16()), esd(weight.bfloat16().float()))  # the weight's own values
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_alpha_allocator_computes_spectra_on_the_runs_device(monkeypatch, device):
+    adapter = get_adapter(tiny_model("llama"))  # weights on the host, as with --offload
+    seen = []
+    real = alpha_mod.esd
+
+    def spy(weight, on=None):
+        result = real(weight, on)
+        seen.append((weight.device.type, result.device.type))
+        return result
+
+    monkeypatch.setattr(alpha_mod, "esd", spy)
+    expected = AlphaAllocator().allocate(AllocationContext(adapter, 0.6)).block_targets
+    seen.clear()
+    got = AlphaAllocator().allocate(AllocationContext(adapter, 0.6, device=torch.device(device))).block_targets
+    assert seen and all(w == "cpu" and e == device for w, e in seen)
+    assert got == pytest.approx(expected, abs=1e-9)
 
 
 def test_pl_alpha_hill_picks_the_ks_minimising_candidate_in_the_window():

@@ -29,6 +29,7 @@ class AllocationContext:
     granularity: str = "block"
     options: Any = None  # the job's PruneConfig, for allocator-specific options
     dense_stats: Callable[[], dict[str, LayerStats]] | None = None
+    device: torch.device | None = None  # the run's compute device (weights may sit on the host: --offload)
 
 
 @dataclass

@@ -64,6 +64,9 @@ CASES = {
                        "save_progress", 1),
     "mrp-start": ({"allocation.method": "mrp"}, SequentialPruner, "save_progress", 1),
     "mrp-iterate": ({"allocation.method": "mrp"}, MrpRun, "_save_progress", 2),
+    # between an iteration's block file and its progress.json (3 blocks saved by the start, then iterations 1,
+    # 2); SparseGPT, whose re-pruning of a block also updates its weights, so repeating an iteration shows
+    "mrp-iterate-unsaved": ({"allocation.method": "mrp", "metric": "sparsegpt"}, Checkpoint, "save_blocks", 5),
     # auto with two candidates commits after each candidate (1, 2), with its choice (3), then per block (4, ...)
     "auto-measuring": (AUTO, Checkpoint, "commit", 1),
     "auto-chosen": (AUTO, Checkpoint, "commit", 3),
@@ -308,3 +311,37 @@ def test_allocator_files_belong_to_the_checkpoint(tmp_path):
     ckpt.commit("mrp-fast", [], next_block=0)
     ckpt.remove()
     assert not folder.exists()
+
+
+def test_a_block_saved_again_keeps_its_committed_file_until_the_next_commit(tmp_path):
+    """Exact MRP saves a block at every iteration that changes it: the new weights go to a new file, so the
+    committed progress.json always names the weights it was written with, whenever the run stops."""
+    from mrprune.models import get_adapter
+    from tests.conftest import tiny_model
+
+    adapter = get_adapter(tiny_model("llama"))
+    ref = adapter.linear_layers(1)[0]
+    folder = tmp_path / "ckpt"
+    ckpt = Checkpoint.open(folder, {"run": 1}, resume=False)
+    ckpt.save_blocks(adapter, range(adapter.num_blocks))
+    ckpt.commit("mrp-iterate", range(adapter.num_blocks))
+    committed = ref.weight.detach().clone()
+    with torch.no_grad():
+        ref.weight.zero_()
+    ckpt.save_blocks(adapter, [1])  # the next iteration's weights; the run stops before its commit
+    assert len(list(folder.glob("block-00001-*.safetensors"))) == 2
+
+    resumed = Checkpoint.open(folder, {"run": 1}, resume=True)
+    assert len(list(folder.glob("block-00001-*.safetensors"))) == 1  # the uncommitted file is gone
+    resumed.restore_weights(adapter)
+    assert torch.equal(ref.weight, committed)
+    with torch.no_grad():
+        ref.weight.zero_()
+    resumed.save_blocks(adapter, [1])
+    resumed.commit("mrp-iterate", range(adapter.num_blocks))
+    named = set(json.loads((folder / PROGRESS).read_text())["block_files"].values())
+    assert {p.name for p in folder.glob("block-*.safetensors")} == named and len(named) == adapter.num_blocks
+    with torch.no_grad():
+        ref.weight.copy_(committed)
+    resumed.restore_weights(adapter)
+    assert not ref.weight.any()

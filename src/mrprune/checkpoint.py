@@ -2,12 +2,15 @@
 
 A checkpoint directory holds
 
-* ``block-NNNNN.safetensors``: the pruned linear weights of block N (parameter name -> tensor, as stored);
+* ``block-NNNNN-gG.safetensors``: the pruned linear weights of block N (parameter name -> tensor, as stored)
+  as saved for the G-th commit (exact MRP saves a block again at every iteration that changes it);
 * ``activations-NNNNN.safetensors``: the calibration activations entering block N (one tensor, ``hidden``);
 * ``progress.json``: format, fingerprint, stage, next block, layer records and allocator state.
 
 Every file is written to a temporary name and renamed into place (``os.replace``), and ``progress.json`` last:
-it names the files that belong to it, so a crash between two writes leaves the previous, consistent state.
+it names the files that belong to it, and a file is never overwritten while a committed progress.json names it
+(a block saved again gets the next commit's name), so a crash between two writes leaves the previous,
+consistent state; files no progress.json names are removed at the next commit and when a resume opens it.
 The fingerprint holds everything that determines the result (the config without output, evaluation and
 checkpoint options; the model source and a hash of its config; a hash of the calibration token ids; device
 type and dtype). Resuming with a different one is a one-line error saying which part differs.
@@ -33,7 +36,7 @@ from .models.adapter import ModelAdapter
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: block files named per commit (block_files in progress.json)
 PROGRESS = "progress.json"
 _TMP_PREFIX = ".tmp-"
 
@@ -156,8 +159,8 @@ def allocator_json(name: str) -> str:
     return f"{ALLOCATOR_PREFIX}{name}.json"
 
 
-def block_file(index: int) -> str:
-    return f"block-{index:05d}.safetensors"
+def block_file(index: int, generation: int) -> str:
+    return f"block-{index:05d}-g{generation}.safetensors"
 
 
 def activations_file(index: int) -> str:
@@ -186,6 +189,8 @@ class Checkpoint:
         self.fingerprint = fingerprint
         self.progress = progress
         self._resumed = progress is not None
+        self.generation = int(progress.get("generation", 0)) if progress else 0  # commits made so far
+        self._pending: dict[int, str] = {}  # blocks saved since the last commit -> their files
 
     # -------------------------------------------------------------------------------------------- opening
     @classmethod
@@ -230,8 +235,10 @@ class Checkpoint:
         _check_writable(path)
         for stale in path.glob(_TMP_PREFIX + "*"):  # half-written files of the interrupted run
             stale.unlink(missing_ok=True)
+        checkpoint = cls(path, fingerprint, progress)
+        checkpoint._remove_unnamed_blocks()  # saved after the last commit: the resume saves them again
         log.info("resuming from %s (%s)", path, describe(progress))
-        return cls(path, fingerprint, progress)
+        return checkpoint
 
     @property
     def resuming(self) -> bool:
@@ -243,14 +250,17 @@ class Checkpoint:
 
     # ---------------------------------------------------------------------------------------------- saving
     def save_blocks(self, adapter: ModelAdapter, blocks: Iterable[int]) -> None:
-        """Write the linear weights of ``blocks`` (each its own file, atomically)."""
+        """Write the linear weights of ``blocks`` (each its own file, atomically), under the names of the next
+        commit, which adopts them; until then the files of the last commit stay as they were."""
         from safetensors.torch import save_file
 
         self.directory.mkdir(parents=True, exist_ok=True)
         for index in blocks:
             tensors = {f"{ref.name}.weight": ref.stored.detach().to("cpu").contiguous()
                        for ref in adapter.linear_layers(index)}
-            _atomic(self.directory / block_file(index), lambda tmp, tensors=tensors: save_file(tensors, tmp))
+            name = block_file(index, self.generation + 1)
+            _atomic(self.directory / name, lambda tmp, tensors=tensors: save_file(tensors, tmp))
+            self._pending[index] = name
 
     def save_activations(self, index: int, hidden: torch.Tensor) -> None:
         """Write the calibration activations entering block ``index``."""
@@ -302,13 +312,20 @@ class Checkpoint:
     def commit(self, stage: str, blocks_saved: Iterable[int], next_block: int | None = None,
                activations: int | None = None, records: list | None = None,
                state: dict[str, Any] | None = None) -> None:
-        """Write ``progress.json`` (last, atomically), then remove activation files it no longer names."""
+        """Write ``progress.json`` (last, atomically), then remove block and activation files it does not name."""
+        saved = sorted(set(blocks_saved))
+        files = {**self._block_files(), **{str(i): name for i, name in self._pending.items()}}
+        missing = [i for i in saved if str(i) not in files]
+        if missing:
+            raise RuntimeError(f"commit names blocks {missing} that were never saved")  # a bug, not a user error
         progress = {
             "format": FORMAT,
             "stage": stage,
+            "generation": self.generation + 1,
             "next_block": next_block,
             "activations": None if activations is None else activations_file(activations),
-            "blocks_saved": sorted(set(blocks_saved)),
+            "blocks_saved": saved,
+            "block_files": {str(i): files[str(i)] for i in saved},
             "records": None if records is None else [_record_to_dict(r) for r in records],
             "state": state or {},
             "fingerprint": self.fingerprint,
@@ -321,6 +338,19 @@ class Checkpoint:
             if old.name != progress["activations"]:
                 old.unlink(missing_ok=True)
         self.progress = progress
+        self.generation += 1
+        self._pending.clear()
+        self._remove_unnamed_blocks()
+
+    def _block_files(self) -> dict[str, str]:
+        """Block index (as text) -> file, as the last commit named them."""
+        return dict((self.progress or {}).get("block_files") or {})
+
+    def _remove_unnamed_blocks(self) -> None:
+        named = set(self._block_files().values()) | set(self._pending.values())
+        for path in self.directory.glob("block-*.safetensors"):
+            if path.name not in named:
+                path.unlink(missing_ok=True)
 
     # --------------------------------------------------------------------------------------------- loading
     def restore_weights(self, adapter: ModelAdapter, before_write=None) -> list[int]:
@@ -329,8 +359,9 @@ class Checkpoint:
         from safetensors.torch import load_file
 
         blocks = list(self.progress.get("blocks_saved", [])) if self.progress else []
+        files = self._block_files()
         for index in blocks:
-            path = self.directory / block_file(index)
+            path = self.directory / files.get(str(index), f"(no file for block {index})")
             try:
                 tensors = load_file(path)
             except (OSError, ValueError, RuntimeError) as exc:

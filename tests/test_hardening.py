@@ -125,6 +125,8 @@ def test_non_finite_activations_name_the_block(tokenizer):
     (torch.ones(16, dtype=torch.long), "n x seqlen tensor of token ids, got (16,)"),
     (torch.ones((2, 16)), "n x seqlen tensor of token ids, got (2, 16)"),  # float: not token ids
     ([[1, 2, 3]], "n x seqlen tensor of token ids, got list"),
+    (torch.full((2, 16), 10**6), "token ids in [0, "),  # beyond the embedding: not 'the model is unsupported'
+    (torch.full((2, 16), -1), "got values from -1 to -1"),
 ])
 def test_calibration_ids_that_are_not_windows_of_token_ids_are_refused(tokenizer, ids, message):
     model = tiny_model("llama")
@@ -295,9 +297,35 @@ def test_python_api_slips_are_config_errors(tokenizer):
                              ({"tokenizer": tokenizer, "bos": "Always"}, "unknown bos 'Always'")]:
         with pytest.raises(ConfigError, match=fragment):
             mrprune.api.evaluate_perplexity(model, text="embedded", **kwargs)
+    for call, fragment in [
+        (lambda: prune(model, {"sparsity": 0.5}, tokenizer=tokenizer), "config must be a PruneConfig, got dict"),
+        (lambda: prune(5, PruneConfig(), tokenizer=tokenizer), "model must be a transformers model object, .* int"),
+        (lambda: prune(model, PruneConfig(), tokenizer=5), "takes a tokenizer object .* got int"),
+        (lambda: mrprune.api.evaluate_perplexity(5, tokenizer, text="embedded"), "got int"),
+        (lambda: mrprune.api.evaluate_zeroshot(model, tokenizer, tasks="rte", limit=0), "limit must be"),
+        (lambda: mrprune.api.evaluate_zeroshot(model, tokenizer, tasks="rte", num_fewshot=-1), "num_fewshot"),
+        (lambda: mrprune.api.evaluate_zeroshot(model, tokenizer, tasks="rte", batch_size=0), "batch_size must"),
+    ]:
+        with pytest.raises(ConfigError, match=fragment):
+            call()
 
 
-def test_a_tokenizer_given_with_a_model_path_is_the_one_used(tiny_dir):
+def test_a_model_in_training_mode_is_pruned_and_measured_as_in_eval_mode_and_keeps_its_mode(tokenizer):
+    """A model built with from_config starts in training mode: dropout would make calibration and perplexity
+    random. Both run with dropout off; the caller's model keeps its own mode."""
+    config = job(None, model=None, metric="sparsegpt")
+    reference = tiny_model("gpt2").eval()  # GPT-2's dropouts are 0.1
+    prune(reference, config, tokenizer=tokenizer, progress=False)
+    training = tiny_model("gpt2").train()
+    prune(training, config, tokenizer=tokenizer, progress=False)
+    assert training.training and all(m.training for m in training.modules())
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), training.state_dict().values()))
+    measured = [mrprune.api.evaluate_perplexity(m, tokenizer, text="embedded", seqlen=32, max_windows=2,
+                                                progress=False).perplexity for m in (reference, training, training)]
+    assert measured[0] == measured[1] == measured[2] and training.training
+
+
+def test_a_tokenizer_given_with_a_model_path_is_the_one_used(tiny_dir, monkeypatch):
     class Marked:
         def __call__(self, *args, **kwargs):
             raise RuntimeError("the given tokenizer was used")
@@ -308,3 +336,9 @@ def test_a_tokenizer_given_with_a_model_path_is_the_one_used(tiny_dir):
                                    "calibration.seqlen": 16})
     with pytest.raises(RuntimeError, match="the given tokenizer was used"):
         prune(str(tiny_dir("llama")), config, tokenizer=Marked(), progress=False)
+    with pytest.raises(RuntimeError, match="the given tokenizer was used"):
+        mrprune.api.evaluate_perplexity(str(tiny_dir("llama")), Marked(), text="embedded")
+    marked, seen = Marked(), []
+    monkeypatch.setattr(mrprune.api.zs, "evaluate_zeroshot", lambda model, tok, *args, **kwargs: seen.append(tok))
+    mrprune.api.evaluate_zeroshot(str(tiny_dir("llama")), marked, tasks=mrprune.api.zs.ZeroShotTasks([], None, None))
+    assert seen == [marked]

@@ -16,7 +16,7 @@ from .allocate import AllocationContext, AutoAllocator, IterativeAllocator, buil
 from .allocate.select import CandidateResult, Selection, choose
 from .card import hub_id
 from .checkpoint import Checkpoint, fingerprint
-from .config import CHOICES, PruneConfig, check_choice, check_positive, merge
+from .config import CHOICES, PruneConfig, check_choice, check_positive, check_zeroshot_counts, merge
 from .data import load_eval_text, read_corpus, sample_calibration, sample_with_heldout
 from .errors import CheckpointError, ConfigError, reason
 from .evaluate import zeroshot as zs
@@ -46,7 +46,7 @@ from .models.loading import (
 from .numerics import check_weights
 from .report import PruneReport, sparsity_summary
 from .runner import SequentialPruner
-from .runtime import PhaseTimer, peak_device_memory_mib, peak_host_memory_mib, place_model
+from .runtime import PhaseTimer, evaluating, peak_device_memory_mib, peak_host_memory_mib, place_model
 from .spill import SpillStore, host_copies, on_ram, restore
 
 log = logging.getLogger(__name__)
@@ -231,9 +231,10 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
     if isinstance(model, PruneConfig):
         raise ConfigError("prune() got a PruneConfig where the model goes: call prune(config=...) or "
                           "prune(model, config)")
-    if isinstance(tokenizer, (str, Path)):
-        raise ConfigError("tokenizer= takes a tokenizer object (AutoTokenizer.from_pretrained(...)), not a path; "
-                          "a model given as a path brings its own")
+    if config is not None and not isinstance(config, PruneConfig):
+        raise ConfigError(f"config must be a PruneConfig, got {type(config).__name__}; build one with "
+                          "PruneConfig(...) or mrprune.config.merge(PruneConfig(), {'sparsity': 0.7, ...})")
+    _check_model_and_tokenizer(model, tokenizer)
     config = (config or PruneConfig()).validate()
     r = config.runtime
     device = resolve_device(r.device)
@@ -265,7 +266,7 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
             if isinstance(allocator, AutoAllocator):
                 raise ConfigError("--allocation auto measures windows of the calibration source that calibration "
                                   "did not use: give config.calibration instead of calibration_ids")
-            calib_ids = _checked_calibration_ids(calibration_ids)
+            calib_ids = _checked_calibration_ids(calibration_ids, target.model_config)
         elif needs_calibration:
             corpus = read_corpus(config.calibration.source, "calibration", config.calibration.column)
             c = config.calibration
@@ -307,8 +308,9 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
                                 device)
 
     try:
-        outcome = _prune_loaded(config, target, adapter, metric, allocator, pattern, calib_ids, heldout,
-                                eval_corpus, zeroshot_tasks, device, timer, progress, checkpoint)
+        with evaluating(model):
+            outcome = _prune_loaded(config, target, adapter, metric, allocator, pattern, calib_ids, heldout,
+                                    eval_corpus, zeroshot_tasks, device, timer, progress, checkpoint)
     except KeyboardInterrupt as exc:
         if checkpoint is not None and checkpoint.progress is not None:
             exc.checkpoint_dir = str(checkpoint.directory)  # type: ignore[attr-defined]
@@ -355,13 +357,33 @@ def _preflight(config: PruneConfig, target: _Target, shaped: torch.nn.Module, al
     return checkpoint
 
 
-def _checked_calibration_ids(ids) -> torch.Tensor:
-    """Token ids given instead of a calibration source: n x seqlen integers, at least one window of two."""
+def _check_model_and_tokenizer(model, tokenizer) -> None:
+    """The public entry points' first check: what goes where, in one line each."""
+    if model is not None and not isinstance(model, (str, Path, torch.nn.Module)):
+        raise ConfigError(f"model must be a transformers model object, a path, a hub id or None, "
+                          f"got {type(model).__name__}")
+    if isinstance(tokenizer, (str, Path)):
+        raise ConfigError("tokenizer= takes a tokenizer object (AutoTokenizer.from_pretrained(...)), not a path; "
+                          "a model given as a path brings its own")
+    if tokenizer is not None and not callable(tokenizer):
+        raise ConfigError(f"tokenizer= takes a tokenizer object (AutoTokenizer.from_pretrained(...)), "
+                          f"got {type(tokenizer).__name__}")
+
+
+def _checked_calibration_ids(ids, model_config=None) -> torch.Tensor:
+    """Token ids given instead of a calibration source: n x seqlen integers, at least one window of two, each
+    a row of the model's embedding."""
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ConfigError(f"calibration_ids must be an n x seqlen tensor of token ids, got {shape}")
     if ids.shape[0] < 1 or ids.shape[1] < 2:
         raise ConfigError(f"calibration_ids must hold at least one window of 2 tokens, got {tuple(ids.shape)}")
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    vocab = getattr(text_config, "vocab_size", None)
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (isinstance(vocab, int) and high >= vocab):
+        bound = f"[0, {vocab})" if isinstance(vocab, int) else "non-negative"
+        raise ConfigError(f"calibration_ids must be token ids in {bound}, got values from {low} to {high}")
     return ids
 
 
@@ -579,6 +601,7 @@ def evaluate_perplexity(
     trust_remote_code: bool = False,
 ) -> PerplexityResult:
     """Perplexity of a model object or of the model at a path / hub id, on ``text`` (file, dataset or None)."""
+    _check_model_and_tokenizer(model, tokenizer)
     check_positive("seqlen", seqlen)
     if max_windows is not None:
         check_positive("max_windows", max_windows)
@@ -592,7 +615,8 @@ def evaluate_perplexity(
     windows = None
     if model is None or isinstance(model, (str, Path)):
         source = open_source(None if model is None else str(model), trust_remote_code, allow_pickle)
-        tokenizer = load_tokenizer(source, trust_remote_code)
+        if tokenizer is None:  # one given is used instead of the model's own, as prune() does
+            tokenizer = load_tokenizer(source, trust_remote_code)
         torch_dtype = resolve_dtype(dtype, torch_device)
         shaped = skeleton(source, torch_dtype, trust_remote_code)
         if shaped is not None:
@@ -602,7 +626,8 @@ def evaluate_perplexity(
         windows = model_windows(model, tokenizer, corpus, seqlen, max_windows, bos)
     adapter = get_adapter(model)
     place_model(model, adapter.blocks_name, torch_device, offload)
-    return windows_perplexity(model, *windows, corpus.name, torch_device, progress, offload)
+    with evaluating(model):
+        return windows_perplexity(model, *windows, corpus.name, torch_device, progress, offload)
 
 
 def evaluate_zeroshot(
@@ -625,11 +650,14 @@ def evaluate_zeroshot(
     Tasks, lm-eval and task data are checked before the model is loaded; ``task_data`` is a folder of local
     task files, used instead of the hub (see ``mrprune.evaluate.zeroshot.LOCAL_TASKS``).
     """
+    _check_model_and_tokenizer(model, tokenizer)
+    check_zeroshot_counts(limit, num_fewshot, batch_size)
     prepared = tasks if isinstance(tasks, zs.ZeroShotTasks) else zs.prepare_tasks(tasks, task_data)
     if model is None or isinstance(model, (str, Path)):
         loaded = load_model(None if model is None else str(model), dtype, device, trust_remote_code, allow_pickle)
-        model, tokenizer = loaded.model, loaded.tokenizer
+        model, tokenizer = loaded.model, tokenizer if tokenizer is not None else loaded.tokenizer
     torch_device = resolve_device(device)
     adapter = get_adapter(model)
     place_model(model, adapter.blocks_name, torch_device, offload)
-    return zs.evaluate_zeroshot(model, tokenizer, prepared, limit, num_fewshot, batch_size, offload=offload)
+    with evaluating(model):
+        return zs.evaluate_zeroshot(model, tokenizer, prepared, limit, num_fewshot, batch_size, offload=offload)

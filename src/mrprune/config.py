@@ -271,14 +271,19 @@ def _check_auto(config: PruneConfig) -> None:
     check_positive("allocation.auto.windows", config.allocation.auto.windows)
 
 
+def check_zeroshot_counts(limit: int | None, num_fewshot: int, batch_size: int, prefix: str = "") -> None:
+    """Items per task (None: all), examples per prompt, sequences per forward."""
+    if limit is not None:
+        check_positive(f"{prefix}limit", limit)
+    check_positive(f"{prefix}batch_size", batch_size)
+    if not isinstance(num_fewshot, int) or isinstance(num_fewshot, bool) or num_fewshot < 0:
+        raise ConfigError(f"{prefix}num_fewshot must be a non-negative integer, got {num_fewshot!r}")
+
+
 def _check_zeroshot(e: EvalConfig) -> None:
     if e.tasks is not None and not all(name.strip() for name in e.tasks.split(",")):
         raise ConfigError(f"evaluation.tasks needs comma-separated task names, got {e.tasks!r}")
-    if e.limit is not None:
-        check_positive("evaluation.limit", e.limit)
-    check_positive("evaluation.batch_size", e.batch_size)
-    if not isinstance(e.num_fewshot, int) or isinstance(e.num_fewshot, bool) or e.num_fewshot < 0:
-        raise ConfigError(f"evaluation.num_fewshot must be a non-negative integer, got {e.num_fewshot!r}")
+    check_zeroshot_counts(e.limit, e.num_fewshot, e.batch_size, "evaluation.")
     if e.tasks is None and (e.limit is not None or e.task_data is not None or e.num_fewshot):
         raise ConfigError("evaluation.limit, num_fewshot and task_data apply to zero-shot tasks: set --tasks too")
 

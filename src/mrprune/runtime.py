@@ -330,13 +330,30 @@ def placement_kept(*models):
             move_own_tensors(module, devices)
 
 
+@contextlib.contextmanager
+def evaluating(*models):
+    """Dropout and other training-only behaviour off while pruning or measuring (a model built with
+    ``from_config`` starts in training mode, which would make calibration and perplexity random); every module's
+    own mode is restored afterwards (non-modules are ignored)."""
+    saved = [(module, module.training) for model in models if isinstance(model, nn.Module)
+             for module in model.modules()]
+    for module, _ in saved:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module, mode in saved:
+            module.training = mode
+
+
 def keeps_placement(fn):
-    """Decorator form of :func:`placement_kept` for analysis entry points taking ``model`` (and ``dense``)."""
+    """Decorator form of :func:`placement_kept` (and :func:`evaluating`) for analysis entry points taking
+    ``model`` (and ``dense``)."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(model=None, *args, **kwargs):
-        with placement_kept(model, kwargs.get("dense")):
+        with placement_kept(model, kwargs.get("dense")), evaluating(model, kwargs.get("dense")):
             return fn(model, *args, **kwargs)
 
     return wrapper

@@ -112,7 +112,18 @@ def test_bad_models_give_one_line_errors(tmp_path, capsys):
 @pytest.mark.parametrize("flags,fragment", [
     (("--ratios", "r.json"), "--ratios is read only with --allocation file"),
     (("--allocation", "uniform", "--owl-m", "3"), "--owl-m is read only with --allocation owl"),
-    (("--allocation", "owl", "--mrp-step", "0.1"), "--mrp-step is read only with --allocation mrp or mrp-fast"),
+    (("--allocation", "owl", "--mrp-m", "5"), "--mrp-m is read only with --allocation mrp or mrp-fast"),
+    (("--allocation", "owl", "--mrp-step", "0.1"), "--mrp-step is read only with --allocation mrp, not owl"),
+    # fast MRP has no step schedule, the exact loop no pilot and no nested first leg
+    (("--allocation", "mrp-fast", "--mrp-step", "0.2"), "--mrp-step is read only with --allocation mrp, not"),
+    (("--allocation", "mrp-fast", "--mrp-gamma", "0.5"), "--mrp-gamma is read only with --allocation mrp,"),
+    (("--allocation", "mrp-fast", "--mrp-min-step", "0.1"), "--mrp-min-step is read only with --allocation mrp,"),
+    (("--allocation", "mrp-fast", "--mrp-checkpoint-stride", "3"), "--mrp-checkpoint-stride is read only with"),
+    (("--allocation", "mrp", "--mrp-pilot", "dense"), "--mrp-pilot is read only with --allocation mrp-fast, not"),
+    (("--allocation", "mrp", "--mrp-masks", "one-shot"), "--mrp-masks is read only with --allocation mrp-fast,"),
+    (("--allocation", "auto", "--mrp-step", "0.1"), "not auto with candidates uniform,owl,alphapruning,mrp-fast"),
+    (("--allocation", "mrp", "--mrp-min-step", "0.1"), "min_step 0.1, step 0.05, gamma 0.95 (--mrp-min-step"),
+    (("--allocation", "mrp-fast", "--sparsity", "0.97"), "MRP s_max=0.95 must lie in [target 0.97, 1) (--mrp-smax)"),
     (("--max-windows", "1"), "--max-windows sets the perplexity evaluation"),
 ])
 def test_flags_the_job_would_not_read_are_refused(tiny_dir, tmp_path, capsys, flags, fragment):

@@ -70,9 +70,9 @@ PRUNE_OPTIONS = [
            type=float),
     Option("--mrp-s0-gap", "allocation.mrp.s0_gap", "MRP start below the target (default 0.1)", type=float),
     Option("--mrp-smax", "allocation.mrp.smax", "MRP ceiling on any block's sparsity (default 0.95)", type=float),
-    Option("--mrp-step", "allocation.mrp.step", "MRP first step (default 0.05)", type=float),
-    Option("--mrp-min-step", "allocation.mrp.min_step", "MRP smallest step (default 0.005)", type=float),
-    Option("--mrp-gamma", "allocation.mrp.gamma", "MRP step decay per iteration (default 0.95)", type=float),
+    Option("--mrp-step", "allocation.mrp.step", "exact MRP: first step (default 0.05)", type=float),
+    Option("--mrp-min-step", "allocation.mrp.min_step", "exact MRP: smallest step (default 0.005)", type=float),
+    Option("--mrp-gamma", "allocation.mrp.gamma", "exact MRP: step decay per iteration (default 0.95)", type=float),
     Option("--mrp-activations", "allocation.mrp.activations", "activations inside a block for its outlier "
            "ratio: from its dense weights (default, as Wanda collects statistics) or its current pruned weights"),
     Option("--mrp-pilot", "allocation.mrp.pilot", "fast MRP plans from the curves of an extra pass over the "
@@ -81,7 +81,7 @@ PRUNE_OPTIONS = [
     Option("--mrp-masks", "allocation.mrp.masks", "fast MRP prunes each block first to s0 with the dense "
            "model's statistics, then to its share (default, nested like the exact loop's masks; Wanda), or "
            "straight to its share"),
-    Option("--mrp-checkpoint-stride", "allocation.mrp.checkpoint_stride", "cache every k-th block's inputs to "
+    Option("--mrp-checkpoint-stride", "allocation.mrp.checkpoint_stride", "exact MRP: cache every k-th block's inputs to "
            "re-run MRP from the changed block (0: as memory allows)", type=int),
     Option("--calib", "calibration.source", "calibration text: a .txt/.jsonl/.parquet file, a hub dataset "
            "(c4, wikitext2) or 'embedded'; default c4 when online, else embedded"),
@@ -153,9 +153,12 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
     return merge(config, {k: v for k, v in overrides.items() if v is not None})
 
 
-#: flags that only some allocations read (dotted path prefix -> those allocations)
+#: flags that only some allocations read (dotted path prefix -> those allocations; the longest match applies)
 _ALLOCATION_FLAGS = {"allocation.ratios": ("file",), "allocation.owl.": ("owl",),
                      "allocation.alpha.": ("alphapruning",), "allocation.mrp.": ("mrp", "mrp-fast"),
+                     "allocation.mrp.step": ("mrp",), "allocation.mrp.min_step": ("mrp",),
+                     "allocation.mrp.gamma": ("mrp",), "allocation.mrp.checkpoint_stride": ("mrp",),
+                     "allocation.mrp.pilot": ("mrp-fast",), "allocation.mrp.masks": ("mrp-fast",),
                      "allocation.auto.": ("auto",)}
 _PERPLEXITY_FLAGS = ("evaluation.text", "evaluation.seqlen", "evaluation.max_windows", "evaluation.bos")
 
@@ -168,11 +171,12 @@ def refuse_unread_flags(args: argparse.Namespace, config: PruneConfig) -> None:
     method = config.allocation.method
     running = {method, *config.allocation.methods_used()}  # auto reads its candidates' flags
     for option in typed:
-        for prefix, methods in _ALLOCATION_FLAGS.items():
-            if option.path.startswith(prefix) and not running.intersection(methods):
-                shown = method if method != "auto" else f"auto with candidates {config.allocation.auto.candidates}"
-                raise ConfigError(f"{option.flag} is read only with --allocation {' or '.join(methods)}, "
-                                  f"not {shown}: add the allocation or drop the flag")
+        prefixes = [prefix for prefix in _ALLOCATION_FLAGS if option.path.startswith(prefix)]
+        methods = _ALLOCATION_FLAGS[max(prefixes, key=len)] if prefixes else None  # the most specific entry
+        if methods is not None and not running.intersection(methods):
+            shown = method if method != "auto" else f"auto with candidates {config.allocation.auto.candidates}"
+            raise ConfigError(f"{option.flag} is read only with --allocation {' or '.join(methods)}, "
+                              f"not {shown}: add the allocation or drop the flag")
         if option.path in _PERPLEXITY_FLAGS and not config.evaluate:
             raise ConfigError(f"{option.flag} sets the perplexity evaluation, which runs only with --eval: add --eval")
 

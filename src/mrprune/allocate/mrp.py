@@ -115,16 +115,21 @@ def per_unit_on_device(pruner: SequentialPruner, units: list[Unit], work) -> lis
 
 
 def resolve_start(options, target: float | None) -> tuple[float, float]:
-    """(target, s0) after checking MRP's options against the target."""
+    """(target, s0) after checking the start and ceiling, which both MRP variants read, against the target."""
     target = 0.5 if target is None else target
     s0 = options.s0 if options.s0 is not None else max(0.0, target - options.s0_gap)
     if not 0.0 <= s0 <= target:
-        raise ConfigError(f"MRP start s0={s0} must lie in [0, target {target}]")
+        raise ConfigError(f"MRP start s0={s0:g} must lie in [0, target {target:g}] (--mrp-s0, --mrp-s0-gap)")
     if not target <= options.smax < 1.0:
-        raise ConfigError(f"MRP s_max={options.smax} must lie in [target {target}, 1)")
-    if not 0 < options.min_step <= options.step or not 0 < options.gamma <= 1:
-        raise ConfigError("MRP needs 0 < min_step <= step and 0 < gamma <= 1")
+        raise ConfigError(f"MRP s_max={options.smax:g} must lie in [target {target:g}, 1) (--mrp-smax)")
     return target, s0
+
+
+def check_schedule(options) -> None:
+    """The exact loop's step schedule (fast MRP has none)."""
+    if not 0 < options.min_step <= options.step or not 0 < options.gamma <= 1:
+        raise ConfigError(f"MRP needs 0 < min_step <= step and 0 < gamma <= 1, got min_step {options.min_step:g}, "
+                          f"step {options.step:g}, gamma {options.gamma:g} (--mrp-min-step, --mrp-step, --mrp-gamma)")
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -156,6 +161,7 @@ class MrpRun:
         self.adapter = ctx.adapter
         self.input_ids = input_ids
         self.target, self.s0 = resolve_start(options, ctx.target)
+        check_schedule(options)
         self.units = build_units(ctx)
         self.unit_of_block: dict[int, list[Unit]] = {}
         for unit in self.units:
@@ -440,12 +446,15 @@ class MrpAllocator(IterativeAllocator):
 
     name = "mrp"
     job: type = MrpRun
+    stepped = True  # reads the step schedule
 
     def __init__(self, options):
         self.options = options
 
     def check_shape(self, ctx: AllocationContext) -> None:
         resolve_start(self.options, ctx.target)
+        if self.stepped:
+            check_schedule(self.options)
 
     def prune(self, ctx: AllocationContext, pruner: SequentialPruner,
               input_ids: torch.Tensor) -> tuple[Allocation, list[LayerRecord]]:

@@ -222,3 +222,4 @@ class FastMrpRun:
 class FastMrpAllocator(MrpAllocator):
     name = "mrp-fast"
     job = FastMrpRun
+    stepped = False

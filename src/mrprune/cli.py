@@ -81,8 +81,8 @@ PRUNE_OPTIONS = [
     Option("--mrp-masks", "allocation.mrp.masks", "fast MRP prunes each block first to s0 with the dense "
            "model's statistics, then to its share (default, nested like the exact loop's masks; Wanda), or "
            "straight to its share"),
-    Option("--mrp-checkpoint-stride", "allocation.mrp.checkpoint_stride", "exact MRP: cache every k-th block's inputs to "
-           "re-run MRP from the changed block (0: as memory allows)", type=int),
+    Option("--mrp-checkpoint-stride", "allocation.mrp.checkpoint_stride", "exact MRP: cache every k-th block's "
+           "inputs to re-run MRP from the changed block (0: as memory allows)", type=int),
     Option("--calib", "calibration.source", "calibration text: a .txt/.jsonl/.parquet file, a hub dataset "
            "(c4, wikitext2) or 'embedded'; default c4 when online, else embedded"),
     Option("--calib-column", "calibration.column", "text column of a JSONL/parquet file (default text)"),

@@ -151,6 +151,7 @@ def test_checkpoint_rules_are_one_line_errors_before_the_weights_load(tiny_dir, 
     with pytest.raises(ConfigError, match="--resume needs --checkpoint-dir"):
         prune(config=job(model_dir, **{"runtime.resume": True}), progress=False)
     prune(config=job(model_dir, ckpt=ckpt), progress=False)
+    prune(config=job(model_dir, ckpt=ckpt, **{"runtime.resume": True, "sparsity": 0.5}), progress=False)  # default
 
     import mrprune.api
 
@@ -161,7 +162,7 @@ def test_checkpoint_rules_are_one_line_errors_before_the_weights_load(tiny_dir, 
     with pytest.raises(CheckpointError, match="pass --resume to continue it"):
         prune(config=job(model_dir, ckpt=ckpt), progress=False)
     mismatches = [
-        ({"sparsity": 0.6}, r"option sparsity \(null in the checkpoint, 0.6 now\)"),
+        ({"sparsity": 0.6}, r"option sparsity \(0.5 in the checkpoint, 0.6 now\)"),
         ({"metric": "magnitude"}, "option metric"),
         ({"calibration.nsamples": 5}, r"calibration windows \(4 x 32 tokens in the checkpoint, 5 x 32 tokens now\)"),
         ({"calibration.seed": 1}, "calibration token ids"),

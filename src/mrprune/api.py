@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -337,7 +337,8 @@ def _preflight(config: PruneConfig, target: _Target, shaped: torch.nn.Module, al
     checkpoint_bytes = 0
     linear_bytes = sum(shape.dtype_size * ref.numel for ref in adapter.all_linear_layers())
     if r.checkpoint_dir:
-        fp = fingerprint(config, target.identity, target.model_config, calib_ids, device, target.dtype,
+        effective = replace(config, sparsity=resolve_target(config, pattern))  # a default typed out is no change
+        fp = fingerprint(effective, target.identity, target.model_config, calib_ids, device, target.dtype,
                          adapter.num_blocks)
         checkpoint = Checkpoint.open(r.checkpoint_dir, fp, r.resume)
         if not checkpoint.resuming:

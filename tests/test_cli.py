@@ -185,6 +185,24 @@ def test_corrupt_weights_and_missing_tokenizer_are_one_line_errors(tiny_dir, tmp
     assert not err.rstrip().endswith(":")  # the reason, not a dangling "from one of:"
 
 
+@pytest.mark.parametrize("change, fragment", [
+    ({"num_hidden_layers": 4}, "weight(s) it declares are not in the checkpoint (e.g. model.layers.3."),
+    ({"num_hidden_layers": 2}, "modules it does not declare (e.g. model.layers.2."),
+    ({"intermediate_size": 96}, "config.json does not match its weights (tensor shapes differ"),
+])
+def test_a_config_that_does_not_match_the_weights_is_refused(tiny_dir, tmp_path, capsys, change, fragment):
+    """A block more in config.json would be random weights, pruned and saved; a block less would be dropped."""
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_dir("llama"), edited)
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, **change}))
+    code, _, err = run_cli(capsys, *tiny_prune_args(edited, "--output", tmp_path / "out"))
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "out").exists()
+
+
 def pickle_only(model_dir):
     """Replace the safetensors weights of ``model_dir`` by a pickle checkpoint."""
     import torch

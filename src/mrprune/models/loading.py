@@ -12,10 +12,12 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -318,18 +320,49 @@ def load_weights(source: ModelSource, dtype: torch.dtype, trust_remote_code: boo
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             source.where,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True,
             local_files_only=source.cached_only,
+            output_loading_info=True,
         )
     except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated or corrupt file
         if _needs_remote_code(exc) and not trust_remote_code:
             raise _custom_code_error(source.description) from None
         raise ModelLoadError(f"cannot load model {source.description}: {_first_line(exc)}") from None
+    except RuntimeError as exc:
+        if "ignore_mismatched_sizes" not in str(exc):
+            raise
+        raise ModelLoadError(f"{source.description}: its config.json does not match its weights (tensor shapes "
+                             "differ; transformers' load report names them)") from None
+    model, info = loaded
+    check_loading_info(model, info, source.description)
     return model.eval()
+
+
+def _pattern(key: str) -> str:
+    return re.sub(r"\.\d+(?=\.)", ".#", key)
+
+
+def check_loading_info(model: torch.nn.Module, info: dict, description: str) -> None:
+    """A config.json that does not match its weights: weights it declares but the checkpoint lacks would be
+    random (and pruned, and saved); weights of modules it does not declare (a block more) would be dropped."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ModelLoadError(f"{description}: its config.json does not match its weights: {len(missing)} weight(s) "
+                             f"it declares are not in the checkpoint (e.g. {missing[0]}) and would be random")
+    declared = {_pattern(key) for key in model.state_dict()}
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    extra = [key for key in unexpected if _pattern(key) in declared]
+    if extra:
+        raise ModelLoadError(f"{description}: its config.json does not match its weights: the checkpoint holds "
+                             f"{len(extra)} weight(s) of modules it does not declare (e.g. {extra[0]}), which "
+                             "would be dropped")
+    if unexpected:
+        log.warning("%s: %d weight(s) of the checkpoint belong to no module of the model and are not used (e.g. "
+                    "%s)", description, len(unexpected), unexpected[0])
 
 
 def load_model(

@@ -342,3 +342,17 @@ def test_a_tokenizer_given_with_a_model_path_is_the_one_used(tiny_dir, monkeypat
     monkeypatch.setattr(mrprune.api.zs, "evaluate_zeroshot", lambda model, tok, *args, **kwargs: seen.append(tok))
     mrprune.api.evaluate_zeroshot(str(tiny_dir("llama")), marked, tasks=mrprune.api.zs.ZeroShotTasks([], None, None))
     assert seen == [marked]
+
+
+def test_a_layer_already_sparser_than_its_share_is_named_when_the_target_is_missed(tokenizer, caplog):
+    model = tiny_model("llama")
+    down = model.model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():
+        down[torch.rand(down.shape, generator=torch.Generator().manual_seed(0)) < 0.8] = 0
+    before = int((down == 0).sum())
+    with caplog.at_level("WARNING", logger="mrprune"):
+        outcome = prune(model, job(None, model=None), tokenizer=tokenizer, progress=False)
+    assert not outcome.report.sparsity["target_met"] and outcome.report.sparsity["achieved"] > 0.5
+    assert int((down == 0).sum()) == before  # masks only add zeros: it keeps its own
+    warning = [r.getMessage() for r in caplog.records if "misses the target" in r.getMessage()]
+    assert len(warning) == 1 and "model.layers.0.mlp.down_proj" in warning[0] and "share 50.0%" in warning[0]

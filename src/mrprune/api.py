@@ -45,7 +45,7 @@ from .models.loading import (
 )
 from .numerics import check_weights
 from .report import PruneReport, sparsity_summary
-from .runner import SequentialPruner
+from .runner import LayerRecord, SequentialPruner
 from .runtime import PhaseTimer, evaluating, peak_device_memory_mib, peak_host_memory_mib, place_model
 from .spill import SpillStore, host_copies, on_ram, restore
 
@@ -428,6 +428,17 @@ def _prune_loaded(config: PruneConfig, target: _Target, adapter: ModelAdapter, m
             spill.close()
 
 
+def target_miss_reason(records: list[LayerRecord]) -> str:
+    """Why the global target was missed: masks only ever add zeros, so a layer that already had more zeros than
+    its share keeps them (the other layers are not pruned less to make up for it)."""
+    over = [r for r in records if r.zeros > round(r.target * r.numel)]
+    if not over:
+        return "masks only add zeros, and the model already had more"
+    worst = max(over, key=lambda r: r.zeros / r.numel - r.target)
+    return (f"{len(over)} layer(s) already had more zeros than their share before pruning and keep them, e.g. "
+            f"{worst.name} ({worst.sparsity:.1%} zeros, share {worst.target:.1%}); masks only add zeros")
+
+
 def expert_coverage(adapter: ModelAdapter, layer_tokens: dict[str, int]) -> dict[str, Any] | None:
     """How many calibration tokens each expert got (from its first matrix), over the blocks pruned in this run;
     None for a model without experts or a metric without calibration."""
@@ -490,9 +501,9 @@ def _prune_with(config: PruneConfig, target: _Target, adapter: ModelAdapter, met
     if experts:
         report.extra["experts"] = experts
     s = report.sparsity
-    if not s["target_met"]:  # e.g. a model already pruned beyond the target: masks only ever add zeros
-        log.warning("global sparsity %.4f misses the target %.4f (already pruned beyond it?)", s["achieved"],
-                    s["target"])
+    if not s["target_met"]:
+        log.warning("global sparsity %.4f misses the target %.4f: %s", s["achieved"], s["target"],
+                    target_miss_reason(records))
     report.timings_s = timer.as_dict()
     output = None
     if config.output is not None:

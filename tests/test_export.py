@@ -158,3 +158,40 @@ def test_model_card_names_a_hub_source_only():
     assert hub_id("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
     assert hub_id("./models/x") is None and hub_id("/abs/path") is None and hub_id("a/b/c") is None
     assert hub_id("LlamaForCausalLM") is None and hub_id(None) is None
+
+
+def test_an_overwrite_interrupted_between_its_renames_keeps_the_old_output(tmp_path, monkeypatch):
+    """The old directory goes aside, then the new one comes in: an interrupt between the two puts the old one
+    back, so the output is never missing."""
+    from mrprune import export
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    real, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new directory's rename
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export.write_dir_atomically(out, lambda tmp: (tmp / "weights").write_text("new"))
+    assert (out / "weights").read_text() == "old" and len(calls) == 3  # the third rename put it back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no hidden temporary or aside directory
+
+
+def test_deferred_signals_hold_a_signal_until_the_block_ends():
+    import signal
+
+    from mrprune.export import deferred_signals
+
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            seen.append("inside, after the signal")
+        seen.append("after the block")
+    assert seen == ["inside, after the signal"]

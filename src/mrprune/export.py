@@ -6,10 +6,12 @@ place only when complete, so a crash leaves nothing half-written. The input mode
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -153,21 +155,47 @@ def write_dir_atomically(out: Path, fill: Callable[[Path], None]) -> Path:
     only once the new one is complete): a crash leaves either the old directory or the new one, never half."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old: Path | None = None
     try:
         publish_mode(tmp, directory=True)
         fill(tmp)
-        if out.exists():
+        if out.exists():  # two renames that must not be split: old out aside, new one in
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            with deferred_signals():
+                os.replace(out, old / out.name)
+                try:
+                    os.replace(tmp, out)
+                except BaseException:
+                    os.replace(old / out.name, out)  # the old one back
+                    raise
         else:
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            if out.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # both renames failed: never delete the only copy
+                log.error("the previous %s is kept in %s", out.name, old)
     log.info("wrote %s", out)
     return out
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """SIGINT and SIGTERM held back for a few system calls that must not be split; a signal that came meanwhile
+    is delivered as soon as they are done."""
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    except (AttributeError, ValueError, OSError):  # no pthread_sigmask on this platform
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def write_json(path: Path, data: Any) -> None:

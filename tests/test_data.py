@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -58,6 +59,34 @@ def test_jsonl_and_parquet_documents_with_column(tmp_path):
     assert read_corpus(str(parquet), "calibration", column="body").documents == [r["body"] for r in rows]
     with pytest.raises(DataError, match="no column 'text'"):
         read_corpus(str(parquet), "calibration")
+    pretty = tmp_path / "docs.json"  # one JSON array laid out over many lines
+    pretty.write_text(json.dumps(rows, indent=2))
+    assert read_corpus(str(pretty), "calibration", column="body").documents[1] == "document number 1"
+
+
+@pytest.mark.parametrize("name, content, fragment", [
+    ("empty.jsonl", "", "holds no text in 'text': 0 record(s)"),
+    ("numbers.jsonl", '{"text": 5}\n{"text": null}\n', "holds no text in 'text': 2 record(s), none a non-empty"),
+    ("blank.jsonl", '{"text": "   "}\n', "none a non-empty string (--calib-column"),
+    ("other.jsonl", '{"body": "x"}\n', "a 'text' field (this one has: body); --calib-column names another"),
+    ("broken.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": "c\n', "line 3: Unterminated string"),
+])
+def test_unusable_document_files_are_clear_errors(tmp_path, name, content, fragment):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=re.escape(fragment)):
+        read_corpus(str(path), "calibration")
+
+
+def test_a_parquet_column_without_text_is_a_clear_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name, values in [("empty", pa.array([], pa.string())), ("ints", pa.array([1, 2, 3]))]:
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({"text": values}), path)
+        with pytest.raises(DataError, match="holds no text in 'text'"):
+            read_corpus(str(path), "calibration")
 
 
 def test_missing_source_and_offline_hub_dataset_are_clear_errors(monkeypatch):

@@ -65,16 +65,41 @@ def _read_documents(path: Path, column: str) -> list[str]:
                 raise DataError(f"{path} has no column '{column}'; columns: {', '.join(table.column_names)}")
             values = table.column(column).to_pylist()
         else:
-            lines = path.read_text(encoding="utf-8").splitlines()
-            rows = [json.loads(line) for line in lines if line.strip()]
-            if len(rows) == 1 and isinstance(rows[0], list):
-                rows = rows[0]
-            if rows and not all(isinstance(r, dict) and column in r for r in rows):
-                raise DataError(f"every record of {path} must be an object with a '{column}' field")
+            rows = _json_records(path)
+            bad = next((r for r in rows if not (isinstance(r, dict) and column in r)), None)
+            if bad is not None:
+                fields = f" (this one has: {', '.join(map(str, bad))})" if isinstance(bad, dict) else ""
+                raise DataError(f"every record of {path} must be an object with a '{column}' field{fields}; "
+                                "--calib-column names another field")
             values = [r[column] for r in rows]
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
-    return [v for v in values if isinstance(v, str) and v.strip()]
+    documents = [v for v in values if isinstance(v, str) and v.strip()]
+    if not documents:
+        raise DataError(f"{path} holds no text in '{column}': {len(values)} record(s), none a non-empty string "
+                        "(--calib-column names another column)")
+    return documents
+
+
+def _json_records(path: Path) -> list:
+    """The records of a JSON Lines file (or of one JSON array); a syntax error names its line in the file."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":  # one JSON document, however it is laid out
+        try:
+            whole = json.loads(text)
+        except ValueError:
+            whole = None  # JSON Lines under a .json name: read line by line below
+        if isinstance(whole, list):
+            return whole
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as exc:
+            raise DataError(f"cannot read {path}: line {number}: {exc.args[0] if exc.args else exc}") from None
+    return rows[0] if len(rows) == 1 and isinstance(rows[0], list) else rows
 
 
 def _hub_corpus(name: str, purpose: str, column: str) -> Corpus:

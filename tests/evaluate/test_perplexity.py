@@ -33,7 +33,10 @@ def test_perplexity_is_exp_of_mean_window_nll(tokenizer):
         losses = [float(model(input_ids=w[None], labels=w[None]).loss) for w in windows]
     assert result.windows == 3
     assert math.isclose(result.perplexity, math.exp(sum(losses) / 3), rel_tol=1e-5)
-    assert "3 non-overlapping windows of 48 tokens" in result.protocol
+    assert result.protocol.endswith("3 non-overlapping windows of 48 tokens, float32")
+    half = perplexity(model.to(torch.bfloat16), tokenizer, corpus, seqlen=48, max_windows=1, bos="never",
+                      progress=False)
+    assert half.protocol.endswith(": 1 non-overlapping window of 48 tokens, bfloat16")  # the dtype moves it
 
 
 def test_auto_bos_for_an_architecture_that_needs_it_even_if_its_tokenizer_adds_none(tokenizer):

@@ -30,11 +30,15 @@ class PerplexityResult:
     windows: int
     seqlen: int
     bos_per_window: bool
+    #: the weights' dtype: the same model gives a (slightly) different perplexity in another one
+    dtype: str | None = None
 
     @property
     def protocol(self) -> str:
+        plural = "s" if self.windows != 1 else ""
         bos = ", BOS per window" if self.bos_per_window else ""
-        return f"{self.text}: {self.windows} non-overlapping windows of {self.seqlen} tokens{bos}"
+        dtype = f", {self.dtype}" if self.dtype else ""
+        return f"{self.text}: {self.windows} non-overlapping window{plural} of {self.seqlen} tokens{bos}{dtype}"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "protocol": self.protocol}
@@ -160,4 +164,6 @@ def windows_perplexity(model, windows: torch.Tensor, per_window_bos: bool, text:
     else:
         nlls = [window_nll(model, w, device)
                 for w in tqdm(windows, desc="perplexity", unit="window", disable=not progress)]
-    return PerplexityResult(math.exp(sum(nlls) / len(nlls)), text, len(nlls), windows.shape[1], per_window_bos)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return PerplexityResult(math.exp(sum(nlls) / len(nlls)), text, len(nlls), windows.shape[1], per_window_bos,
+                            dtype)

@@ -36,7 +36,7 @@ def test_prune_eval_info_end_to_end(tiny_dir, tmp_path, capsys):
 
     code, stdout, _ = run_cli(capsys, "eval", "-q", out, "--text", "embedded", "--seqlen", 64, "--max-windows", 2,
                               "--json")
-    result = json.loads(stdout)
+    result = json.loads(stdout)["perplexity"]
     report = json.loads((out / "mrprune_report.json").read_text())
     assert code == 0 and result["perplexity"] == pytest.approx(report["perplexity"]["after"]["perplexity"], rel=1e-5)
 
@@ -63,11 +63,11 @@ def test_eval_reads_its_protocol_from_a_config_file_and_flags_win(tiny_dir, tmp_
     config.write_text("evaluation:\n  text: embedded\n  seqlen: 48\n  max_windows: 2\n  bos: never\n"
                       "  limit: 5\nruntime:\n  dtype: float32\n")
     code, stdout, _ = run_cli(capsys, "eval", "-q", model_dir, "--config", config, "--json")
-    from_file = json.loads(stdout)
+    from_file = json.loads(stdout)["perplexity"]
     assert code == 0 and (from_file["windows"], from_file["seqlen"], from_file["bos_per_window"]) == (2, 48, False)
     # a zero-shot setting in the file is no mistake of this perplexity run (a typed --limit would be)
     code, stdout, _ = run_cli(capsys, "eval", "-q", model_dir, "--config", config, "--seqlen", 32, "--json")
-    typed = json.loads(stdout)
+    typed = json.loads(stdout)["perplexity"]
     assert code == 0 and (typed["windows"], typed["seqlen"]) == (2, 32)
     code, _, err = run_cli(capsys, "eval", "-q", model_dir, "--config", tmp_path / "missing.yaml")
     assert code == 2 and "missing.yaml" in err and len(err.strip().splitlines()) == 1

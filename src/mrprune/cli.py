@@ -237,7 +237,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, offload=args.offload, progress=not args.quiet,
         allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
     )
-    print(json.dumps(result.to_dict(), indent=2) if args.json else str(result))
+    print(json.dumps({"perplexity": result.to_dict()}, indent=2) if args.json else str(result))
     return 0
 
 
@@ -265,8 +265,9 @@ def eval_zeroshot(args: argparse.Namespace) -> int:
     result = evaluate_zeroshot(model, tokenizer, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
                                batch_size=args.zs_batch_size, allow_pickle=args.allow_pickle,
                                trust_remote_code=args.trust_remote_code, **loading)
-    if args.json:
-        out = result.to_dict() if ppl is None else {"perplexity": ppl.to_dict(), "zeroshot": result.to_dict()}
+    if args.json:  # the sections measured, as the report names them
+        out = {"zeroshot": result.to_dict()} if ppl is None else {"perplexity": ppl.to_dict(),
+                                                                  "zeroshot": result.to_dict()}
         print(json.dumps(out, indent=2))
     else:
         print(result.to_markdown() if ppl is None else f"{ppl}\n\n{result.to_markdown()}")

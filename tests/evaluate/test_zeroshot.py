@@ -245,7 +245,7 @@ def test_prune_then_eval_rte_through_the_cli(tiny_dir, shared_data, tmp_path, ca
 
     code, stdout, _ = run_cli(capsys, "eval", "-q", out, "--tasks", "rte", "--limit", 8, "--task-data", shared_data,
                               "--json")
-    again = json.loads(stdout)["tasks"]["rte"]
+    again = json.loads(stdout)["zeroshot"]["tasks"]["rte"]
     assert code == 0 and again["acc"] == rte["acc"] and again["acc_stderr"] == rte["acc_stderr"]
 
 

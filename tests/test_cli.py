@@ -242,6 +242,12 @@ def test_usage_errors_are_one_line(capsys):
         main(["prune", "--metric", "random"])
     _, err = capsys.readouterr()
     assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and "invalid choice" in err
+    for argv, prog in [(["prune", "--bogus"], "mrprune prune"), (["eval", "x", "--bogus", "1"], "mrprune eval"),
+                       (["analyze", "lps", "--bogus"], "mrprune analyze lps")]:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        _, err = capsys.readouterr()
+        assert exc.value.code == 2 and err.startswith(f"{prog}: error: unrecognized arguments: --bogus")
 
 
 def test_console_script_exit_code(tmp_path):

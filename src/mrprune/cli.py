@@ -31,6 +31,14 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        """A subcommand's parser reports its own unknown arguments, so the message names the subcommand (the
+        top-level parser would report them as 'mrprune: error: unrecognized arguments')."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and " " in self.prog:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
 
 @dataclass(frozen=True)
 class Option:

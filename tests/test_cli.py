@@ -43,6 +43,7 @@ def test_prune_eval_info_end_to_end(tiny_dir, tmp_path, capsys):
     code, stdout, _ = run_cli(capsys, "info", "-q", out, "--json")
     info = json.loads(stdout)
     assert code == 0 and info["family"] == "qwen2" and info["num_blocks"] == 3
+    assert info["layers"][0]["path"] == "model.layers.0.self_attn.q_proj"  # as a ratios file's 'layers' names it
     assert info["global_sparsity"] == 0.5 and all(b == 0.5 for b in info["blocks"])
 
 

@@ -292,12 +292,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def format_info(info: dict) -> str:
     lines = [f"{k:<24}{v}" for k, v in info.items() if k not in ("layers", "blocks", "routers")]
-    lines.append("linear layers of block 0 (out x in):")
+    lines.append(f"linear layers of block 0 (out x in; block N's are {info['blocks_path']}.N.*, the names a "
+                 "ratios file's 'layers' uses):")
     rows: dict[str, list] = {}  # one row per expert tensor, not per expert: name -> [shape, experts]
     for layer in info["layers"]:
-        match = re.fullmatch(r"(.*\.experts\.)\d+(\.\w+)", layer["name"])
-        rows.setdefault(f"{match[1]}<expert>{match[2]}" if match else layer["name"], [layer["shape"], 0])[1] += 1
-    lines += [f"  {name:<40}{shape[0]} x {shape[1]}" + (f"  ({count} experts)" if "<expert>" in name else "")
+        match = re.fullmatch(r"(.*\.experts\.)\d+(\.\w+)", layer["path"])
+        rows.setdefault(f"{match[1]}<expert>{match[2]}" if match else layer["path"], [layer["shape"], 0])[1] += 1
+    width = max(40, *(len(name) + 2 for name in rows))
+    lines += [f"  {name:<{width}}{shape[0]} x {shape[1]}" + (f"  ({count} experts)" if "<expert>" in name else "")
               for name, (shape, count) in rows.items()]
     if info.get("routers"):
         lines.append("routers of block 0 (kept dense): " + ", ".join(info["routers"]))

@@ -29,7 +29,8 @@ def model_info(spec: str | None, trust_remote_code: bool = False, allow_pickle: 
         "decoder_linear_weights": weights,
         "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
         "global_sparsity": zeros / weights,
-        "layers": [{"name": r.short_name, "shape": list(r.weight.shape)} for r in adapter.linear_layers(0)],
+        "layers": [{"name": r.short_name, "path": r.name, "shape": list(r.weight.shape)}
+                   for r in adapter.linear_layers(0)],
         "routers": [name.removeprefix(f"{adapter.blocks_name}.0.") for name in adapter.routers(0)],
         "blocks": [zero_fraction(adapter, i) for i in range(adapter.num_blocks)],
     }

@@ -21,6 +21,19 @@ def test_unquoted_nm_pattern_in_yaml_stays_a_pattern(tmp_path):
     assert config.pattern == "2:4" and config.sparsity == 0.5 and config.allocation.mrp.gamma == 0.95
 
 
+def test_exponent_numbers_read_as_numbers_and_a_key_given_twice_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sparsity: 7e-1\nallocation:\n  mrp:\n    min_step: 5E-3\n")  # YAML 1.1 would keep text
+    config = load_config(path)
+    assert config.sparsity == 0.7 and config.allocation.mrp.min_step == 0.005
+    for name, text in [("twice.yaml", "metric: wanda\nsparsity: 0.5\nmetric: magnitude\n"),
+                       ("nested.yaml", "calibration:\n  nsamples: 8\n  nsamples: 16\n"),
+                       ("twice.json", '{"metric": "wanda", "metric": "magnitude"}')]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match="key '(metric|nsamples)' is given twice"):
+            load_config(tmp_path / name)
+
+
 def test_unknown_key_names_the_closest_valid_one(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("calibration:\n  nsample: 32\n")

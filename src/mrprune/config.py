@@ -312,12 +312,35 @@ def check_positive(name: str, value: int) -> None:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that keeps ``2:4`` text: YAML 1.1 reads an unquoted N:M as the base-60 integer 124."""
+    """SafeLoader that keeps ``2:4`` text (YAML 1.1 reads an unquoted N:M as the base-60 integer 124), reads
+    ``5e-1`` as a number (YAML 1.1 wants ``5.0e-1``) and refuses a key given twice (the last would win
+    silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _YamlLoader.yaml_implicit_resolvers = {key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 for _digit in "0123456789":
     _YamlLoader.yaml_implicit_resolvers[_digit].insert(0, ("tag:yaml.org,2002:str", re.compile(r"^[0-9]+:[0-9]+$")))
+for _first in "-+0123456789":
+    _YamlLoader.yaml_implicit_resolvers.setdefault(_first, []).append(
+        ("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$")))
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    twice = next((key for key in keys if keys.count(key) > 1), None)
+    if twice is not None:
+        raise ValueError(f"key '{twice}' is given twice")
+    return dict(pairs)
 
 
 def read_data(path: str | Path) -> Any:
@@ -329,8 +352,10 @@ def read_data(path: str | Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
     try:
-        return json.loads(text) if is_json else yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        if is_json:
+            return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass
+    except (ValueError, yaml.YAMLError) as exc:  # json.JSONDecodeError is a ValueError
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{path} is not valid {'JSON' if is_json else 'YAML'}: {first_line}") from None
 

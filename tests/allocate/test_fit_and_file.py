@@ -57,6 +57,8 @@ def test_file_layer_ratios(tmp_path):
     ({"layers": {"model.layers.0.nope": 0.5}}, "unknown layer 'model.layers.0.nope'"),
     ({"layers": {"model.layers.0.mlp.up_proj": 0.5}}, "gives no ratio for layer"),
     ({"weird": [0.5]}, "exactly one of the keys"),
+    ({"blocks": {0: 0.5}}, "'blocks' must be a list with one ratio per block, in order, got dict"),
+    ({"layers": [0.5, 0.5, 0.5]}, "'layers' must map layer names to ratios, got list"),
 ])
 def test_bad_ratios_files(tmp_path, content, message):
     with pytest.raises(ConfigError, match=message):

@@ -28,6 +28,12 @@ def read_ratios(path: str) -> list[float] | dict[str, float]:
     if isinstance(data, dict):
         if len(data) != 1 or not set(data) <= {"blocks", "layers"}:
             raise ConfigError(f"ratios file {path} must hold a list, or exactly one of the keys 'blocks' or 'layers'")
+        if "blocks" in data and not isinstance(data["blocks"], list):
+            raise ConfigError(f"ratios file {path}: 'blocks' must be a list with one ratio per block, in order, "
+                              f"got {type(data['blocks']).__name__}")
+        if "layers" in data and not isinstance(data["layers"], dict):
+            raise ConfigError(f"ratios file {path}: 'layers' must map layer names to ratios, "
+                              f"got {type(data['layers']).__name__}")
         data = data.get("blocks", data.get("layers"))
     if isinstance(data, list):
         return [_check_ratio(f"block {i}", v) for i, v in enumerate(data)]

@@ -102,6 +102,7 @@ def test_resumed_auto_runs_only_what_is_missing(tiny_dir, tmp_path, monkeypatch,
     """Interrupted after its first candidate, auto measures only the second on resume; once it has chosen, it
     measures none and only the winner's pass runs (again, or on from its saved block)."""
     import mrprune.api
+    from mrprune.checkpoint import describe
 
     model_dir = tiny_dir("llama")
     ckpt = tmp_path / "ckpt"
@@ -109,6 +110,8 @@ def test_resumed_auto_runs_only_what_is_missing(tiny_dir, tmp_path, monkeypatch,
         interrupt_after(patch, Checkpoint, "commit", commits)
         with pytest.raises(KeyboardInterrupt):
             prune(config=job(model_dir, None, ckpt, **AUTO), progress=False)
+    if commits == 1:  # what the resume's log line says
+        assert describe(json.loads((ckpt / PROGRESS).read_text())) == "auto, 1 candidate(s) measured (uniform)"
     original = mrprune.api._allocate_and_prune
     ran = []
 

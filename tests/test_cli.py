@@ -182,8 +182,13 @@ def test_corrupt_weights_and_missing_tokenizer_are_one_line_errors(tiny_dir, tmp
     for path in no_tokenizer.glob("tokenizer*"):
         path.unlink()
     code, _, err = run_cli(capsys, "eval", no_tokenizer)
+    assert_one_line_error(code, err, "has no tokenizer files (tokenizer.json, tokenizer_config.json")
+    (no_tokenizer / "tokenizer_config.json").write_text("{}")  # files that name no usable tokenizer
+    code, _, err = run_cli(capsys, "eval", no_tokenizer)
     assert_one_line_error(code, err, "cannot load the tokenizer")
     assert not err.rstrip().endswith(":")  # the reason, not a dangling "from one of:"
+    code, out, _ = run_cli(capsys, "info", "-q", no_tokenizer)  # describing a model needs no tokenizer
+    assert code == 0 and "num_blocks" in out
 
 
 @pytest.mark.parametrize("change, fragment", [

@@ -55,7 +55,8 @@ def model_card(report: dict[str, Any], base_model: str | None = None) -> str:
     job = {k: v for k, v in settings.items() if k not in ("output", "overwrite")}
     given = "" if job.get("model") else " (the model was given as an object: set `model:` to its path or hub id)"
     lines += ["", "## Reproduce", "", (f"The job's settings{given}; save them as `job.yaml` and run "
-              "`mrprune prune --config job.yaml --output DIR`:"), "", "```yaml",
+              "`mrprune prune --config job.yaml --output DIR` (paths in them are as they were given to the job, "
+              "relative to the folder it ran in):"), "", "```yaml",
               yaml.safe_dump(job, sort_keys=False).strip(), "```", ""]
     v = report.get("versions", {})
     lines.append(f"Made with mrprune {v.get('mrprune')}, torch {v.get('torch')}, transformers "

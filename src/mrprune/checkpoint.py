@@ -409,9 +409,15 @@ def _ours(path: Path) -> bool:
 
 def describe(progress: dict[str, Any]) -> str:
     stage = progress.get("stage")
+    state = progress.get("state") or {}
     if progress.get("next_block") is not None:
         return f"{stage}, next block {progress['next_block']}"
-    return f"{stage}, {len(progress.get('state', {}).get('trace', []))} iterations done"
+    if "auto" in state:  # --allocation auto while it measures its candidates
+        measured = [c["allocation"] for c in state["auto"].get("candidates", [])]
+        chosen = state["auto"].get("chosen")
+        return (f"auto, {len(measured)} candidate(s) measured ({', '.join(measured) or 'none'})"
+                + (f", {chosen} chosen" if chosen else ""))
+    return f"{stage}, {len(state.get('trace', []))} iterations done"
 
 
 def _check_writable(path: Path) -> None:

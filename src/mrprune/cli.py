@@ -319,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mrprune", description="Prune Hugging Face causal LMs with layerwise sparsity allocation.")
     parser.add_argument("--version", action="version", version=f"mrprune {__version__}")
     common = _Parser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    common.add_argument("-q", "--quiet", action="store_true", help="only warnings; no progress bars")
+    loudness = common.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="only warnings; no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("prune", parents=[common], help="prune a model", description="Prune a model.")

@@ -202,6 +202,10 @@ class PruneConfig:
             _check_auto(self)
         if "file" in self.allocation.methods_used() and not self.allocation.ratios:
             raise ConfigError("allocation 'file' needs --ratios FILE (JSON or YAML)")
+        for path in ("output", "runtime.checkpoint_dir", "runtime.offload_dir", "allocation.ratios",
+                     "calibration.source", "evaluation.text", "model"):
+            if operator.attrgetter(path)(self) == "" or str(operator.attrgetter(path)(self)).isspace():
+                raise ConfigError(f"{path} is empty: give a path (or leave the option out)")
         check_positive("calibration.nsamples", self.calibration.nsamples)
         check_positive("calibration.seqlen", self.calibration.seqlen)
         check_positive("evaluation.seqlen", self.evaluation.seqlen)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .models.adapter import get_adapter
-from .models.loading import load_model
+from .models.loading import load_weights, open_source, resolve_device, resolve_dtype
 
 
 def zero_fraction(adapter, index: int) -> float:
@@ -12,22 +12,22 @@ def zero_fraction(adapter, index: int) -> float:
 
 
 def model_info(spec: str | None, trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
-    loaded = load_model(spec, dtype="auto", device="cpu", trust_remote_code=trust_remote_code,
-                        allow_pickle=allow_pickle)
-    adapter = get_adapter(loaded.model)
+    source = open_source(spec, trust_remote_code, allow_pickle)  # weights only: no tokenizer needed to describe
+    model = load_weights(source, resolve_dtype("auto", resolve_device("cpu")), trust_remote_code, allow_pickle)
+    adapter = get_adapter(model)
     layers = adapter.all_linear_layers()
     zeros = sum(int((r.weight == 0).sum()) for r in layers)
     weights = sum(r.numel for r in layers)
     return {
-        "source": loaded.source,
-        "loaded_from": str(loaded.local_dir) if loaded.local_dir else loaded.source,
-        "class": type(loaded.model).__name__,
+        "source": source.description,
+        "loaded_from": str(source.local_dir) if source.local_dir else source.description,
+        "class": type(model).__name__,
         "family": adapter.family,
         "blocks_path": adapter.blocks_name,
         "num_blocks": adapter.num_blocks,
-        "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "parameters": sum(p.numel() for p in model.parameters()),
         "decoder_linear_weights": weights,
-        "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "global_sparsity": zeros / weights,
         "layers": [{"name": r.short_name, "path": r.name, "shape": list(r.weight.shape)}
                    for r in adapter.linear_layers(0)],

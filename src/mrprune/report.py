@@ -139,7 +139,7 @@ class PruneReport:
         lines += [
             "",
             f"global sparsity {s['achieved']:.6f} (target {s['target']:.6f}, {s['zeros']} of {s['weights']} weights; "
-            f"off by {s['deviation_weights']:+.0f} weights, tolerance one row per layer = {s['tolerance_weights']}: "
+            f"off by {round(s['deviation_weights']):+d} weights, tolerance one row per layer = {s['tolerance_weights']}: "
             f"{'met' if s['target_met'] else 'NOT MET'})",
         ]
         if "experts" in self.extra:

@@ -264,9 +264,19 @@ def open_source(spec: str | None, trust_remote_code: bool = False, allow_pickle:
     return ModelSource(description, local_dir, hub_id, config, cached_only)
 
 
+#: files any of which a local model directory's tokenizer is read from
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "tokenizer.tiktoken")
+
+
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    local = source.local_dir
+    if local is not None and local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{source.description} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): "
+                             "save the tokenizer beside the weights (tokenizer.save_pretrained(DIR)), or pass one "
+                             "(tokenizer= in Python)")
     try:
         return AutoTokenizer.from_pretrained(source.where, trust_remote_code=trust_remote_code,
                                              local_files_only=source.cached_only)

@@ -82,6 +82,8 @@ def test_eval_reads_its_protocol_from_a_config_file_and_flags_win(tiny_dir, tmp_
     (("--calib", "no_such_file.txt"), "does not exist"),
     (("--allocation", "file", "--ratios", "missing.json"), "cannot read missing.json"),
     (("--nsamples", 0), "nsamples must be a positive integer"),
+    (("--output", ""), "output is empty: give a path"),
+    (("--checkpoint-dir", " "), "runtime.checkpoint_dir is empty"),
 ])
 def test_bad_prune_inputs_give_one_line_errors(tiny_dir, capsys, args, fragment):
     code, _, err = run_cli(capsys, *tiny_prune_args(tiny_dir("llama"), *args))
@@ -248,6 +250,10 @@ def test_usage_errors_are_one_line(capsys):
         main(["prune", "--metric", "random"])
     _, err = capsys.readouterr()
     assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and "invalid choice" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "-q", "-v"])
+    _, err = capsys.readouterr()
+    assert exc.value.code == 2 and "-v/--verbose: not allowed with argument -q/--quiet" in err
     for argv, prog in [(["prune", "--bogus"], "mrprune prune"), (["eval", "x", "--bogus", "1"], "mrprune eval"),
                        (["analyze", "lps", "--bogus"], "mrprune analyze lps")]:
         with pytest.raises(SystemExit) as exc:

@@ -268,3 +268,19 @@ def test_console_script_exit_code(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("mrprune: error:")
 
+
+
+def test_ctrl_c_while_the_command_line_loads_is_one_line(monkeypatch, capsys):
+    """mrprune.cli imports torch and transformers (seconds): an interrupt then is no traceback either."""
+    from mrprune import entry
+
+    class Interrupting:
+        def find_spec(self, name, path=None, target=None):
+            if name == "mrprune.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "mrprune.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    assert entry.run() == 130
+    assert capsys.readouterr().err == "mrprune: interrupted by SIGINT while starting; no output was written\n"

@@ -1,10 +1,40 @@
-"""mrprune: post-training pruning of Hugging Face causal LMs with principled layerwise sparsity allocation."""
+"""mrprune: post-training pruning of Hugging Face causal LMs with principled layerwise sparsity allocation.
+
+The public names load on first use (PEP 562), so ``import mrprune`` and the command line's start stay light and
+an interrupt while torch loads is the command line's to report.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from .api import PruneOutcome, evaluate_perplexity, evaluate_zeroshot, prune  # noqa: E402
-from .config import AllocationConfig, CalibrationConfig, EvalConfig, PruneConfig, RuntimeConfig  # noqa: E402
-from .errors import MrpruneError  # noqa: E402
+#: public name -> the submodule that defines it
+_EXPORTS = {
+    "PruneOutcome": "api", "evaluate_perplexity": "api", "evaluate_zeroshot": "api", "prune": "api",
+    "AllocationConfig": "config", "CalibrationConfig": "config", "EvalConfig": "config", "PruneConfig": "config",
+    "RuntimeConfig": "config", "MrpruneError": "errors",
+}
+
+if TYPE_CHECKING:
+    from .api import PruneOutcome, evaluate_perplexity, evaluate_zeroshot, prune
+    from .config import AllocationConfig, CalibrationConfig, EvalConfig, PruneConfig, RuntimeConfig
+    from .errors import MrpruneError
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mrprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "AllocationConfig",

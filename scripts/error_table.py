@@ -138,6 +138,12 @@ def make_models(root: Path) -> dict[str, Path]:
     weights = next(truncated.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:1000])
     models["truncated"] = truncated
+    more_blocks = save("more-blocks", llama(3))  # config.json edited to declare a block its weights lack
+    config = json.loads((more_blocks / "config.json").read_text())
+    (more_blocks / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4}))
+    no_tokenizer = save("no-tokenizer", llama(3))
+    for path in no_tokenizer.glob("tokenizer*"):
+        path.unlink()
     return models
 
 
@@ -146,6 +152,8 @@ def cases(root: Path, m: dict[str, Path]) -> list[tuple[str, list[str], dict]]:
     (root / "empty.txt").write_text("  \n")
     (root / "two.json").write_text("[0.5, 0.5]")
     (root / "typo.yaml").write_text("sparsty: 0.5\n")
+    (root / "twice.yaml").write_text("metric: wanda\nsparsity: 0.6\nmetric: sparsegpt\n")
+    (root / "numbers.jsonl").write_text('{"text": 5}\n{"text": null}\n')
     (root / "broken.gguf").write_bytes(b"not a gguf at all")
     (root / "not-a-model").mkdir(exist_ok=True)
     (root / "taken").mkdir(exist_ok=True)
@@ -165,6 +173,10 @@ def cases(root: Path, m: dict[str, Path]) -> list[tuple[str, list[str], dict]]:
         ("non-positive sample count", base + ["--nsamples", "0"], {}),
         ("unknown metric (a usage error, from argparse)", tiny + ["--metric", "random"], {}),
         ("misspelled key in a --config file", ["prune", "--config", "typo.yaml"], {}),
+        ("a key given twice in a --config file", ["prune", "--config", "twice.yaml"], {}),
+        ("calibration documents without text in their column",
+         ["prune", "-q", "--model", "tiny", "--calib", "numbers.jsonl", "--nsamples", "4", "--seqlen", "32"], {}),
+        ("a flag of the exact MRP loop with fast MRP", tiny + ["--allocation", "mrp-fast", "--mrp-step", "0.1"], {}),
         ("too little calibration text", base + ["--nsamples", "500", "--seqlen", "512"], {}),
         ("missing calibration file", tiny + ["--calib", "no_such_file.txt"], {}),
         ("empty evaluation text", tiny + ["--eval", "--eval-text", "empty.txt"], {}),
@@ -178,6 +190,8 @@ def cases(root: Path, m: dict[str, Path]) -> list[tuple[str, list[str], dict]]:
         ("model path that does not exist", ["prune", "--model", "./nowhere"], {}),
         ("hub id while offline", ["prune", "--model", "some-org/some-model"], {}),
         ("directory that is not a model", ["prune", "--model", "not-a-model"], {}),
+        ("config.json declaring a block the weights do not have", tiny[:3] + ["more-blocks"] + tiny[4:], {}),
+        ("model folder without tokenizer files", tiny[:3] + ["no-tokenizer"] + tiny[4:], {}),
         ("broken GGUF file", ["eval", "broken.gguf"], {}),
         ("encoder model (BERT)", ["info", "bert"], {}),
         ("experts in 3-D tensors of a layout mrprune does not know (JetMoE)",

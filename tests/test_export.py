@@ -168,19 +168,24 @@ def test_an_overwrite_interrupted_between_its_renames_keeps_the_old_output(tmp_p
     out = tmp_path / "out"
     out.mkdir()
     (out / "weights").write_text("old")
-    real, calls = os.replace, []
+    real = os.replace
+    for when in ("before the second rename", "after the first rename"):
+        calls = []
 
-    def interrupted(src, dst):
-        calls.append((src, dst))
-        if len(calls) == 2:  # the new directory's rename
-            raise KeyboardInterrupt
-        return real(src, dst)
+        def interrupted(src, dst, when=when, calls=calls):
+            calls.append((src, dst))
+            if when == "after the first rename" and len(calls) == 1:
+                real(src, dst)  # the old directory is aside when the interrupt lands
+                raise KeyboardInterrupt
+            if when == "before the second rename" and len(calls) == 2:
+                raise KeyboardInterrupt
+            return real(src, dst)
 
-    monkeypatch.setattr(export.os, "replace", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        export.write_dir_atomically(out, lambda tmp: (tmp / "weights").write_text("new"))
-    assert (out / "weights").read_text() == "old" and len(calls) == 3  # the third rename put it back
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no hidden temporary or aside directory
+        monkeypatch.setattr(export.os, "replace", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            export.write_dir_atomically(out, lambda tmp: (tmp / "weights").write_text("new"))
+        assert (out / "weights").read_text() == "old" and calls[-1][1] == out, when  # the last rename put it back
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], when  # no hidden temporary or aside folder
 
 
 def test_deferred_signals_hold_a_signal_until_the_block_ends():

@@ -162,11 +162,12 @@ def write_dir_atomically(out: Path, fill: Callable[[Path], None]) -> Path:
         if out.exists():  # two renames that must not be split: old out aside, new one in
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             with deferred_signals():
-                os.replace(out, old / out.name)
                 try:
+                    os.replace(out, old / out.name)
                     os.replace(tmp, out)
                 except BaseException:
-                    os.replace(old / out.name, out)  # the old one back
+                    if (old / out.name).exists() and not out.exists():
+                        os.replace(old / out.name, out)  # the old one back
                     raise
         else:
             os.replace(tmp, out)

@@ -70,6 +70,8 @@ def test_eval_reads_its_protocol_from_a_config_file_and_flags_win(tiny_dir, tmp_
     code, stdout, _ = run_cli(capsys, "eval", "-q", model_dir, "--config", config, "--seqlen", 32, "--json")
     typed = json.loads(stdout)["perplexity"]
     assert code == 0 and (typed["windows"], typed["seqlen"]) == (2, 32)
+    code, _, err = run_cli(capsys, "eval", "-q", model_dir, "--tasks", "rte", "--max-windows", 2)
+    assert_one_line_error(code, err, "which 'eval --tasks' measures only with --text")
     code, _, err = run_cli(capsys, "eval", "-q", model_dir, "--config", tmp_path / "missing.yaml")
     assert code == 2 and "missing.yaml" in err and len(err.strip().splitlines()) == 1
 
@@ -196,7 +198,8 @@ def test_corrupt_weights_and_missing_tokenizer_are_one_line_errors(tiny_dir, tmp
 @pytest.mark.parametrize("change, fragment", [
     ({"num_hidden_layers": 4}, "weight(s) it declares are not in the checkpoint (e.g. model.layers.3."),
     ({"num_hidden_layers": 2}, "modules it does not declare (e.g. model.layers.2."),
-    ({"intermediate_size": 96}, "config.json does not match its weights (tensor shapes differ"),
+    ({"intermediate_size": 96}, ("have other shapes than it declares (e.g. model.layers.0.mlp.down_proj.weight: "
+                                 "(64, 128) in the checkpoint, (64, 96) declared)")),
 ])
 def test_a_config_that_does_not_match_the_weights_is_refused(tiny_dir, tmp_path, capsys, change, fragment):
     """A block more in config.json would be random weights, pruned and saved; a block less would be dropped."""
@@ -206,8 +209,11 @@ def test_a_config_that_does_not_match_the_weights_is_refused(tiny_dir, tmp_path,
     shutil.copytree(tiny_dir("llama"), edited)
     config = json.loads((edited / "config.json").read_text())
     (edited / "config.json").write_text(json.dumps({**config, **change}))
-    code, _, err = run_cli(capsys, *tiny_prune_args(edited, "--output", tmp_path / "out"))
-    assert_one_line_error(code, err, fragment)
+    result = subprocess.run([sys.executable, "-m", "mrprune", *map(str, tiny_prune_args(edited, "--output",
+                                                                                       tmp_path / "out"))],
+                            capture_output=True, text=True, check=False)  # what the terminal shows, all of it
+    assert_one_line_error(result.returncode, result.stderr, fragment)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # no load report of transformers before it
     assert not (tmp_path / "out").exists()
 
 

@@ -200,3 +200,28 @@ def test_deferred_signals_hold_a_signal_until_the_block_ends():
             seen.append("inside, after the signal")
         seen.append("after the block")
     assert seen == ["inside, after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+
+
+def test_an_interrupt_during_the_swap_lands_after_it_and_says_the_output_is_complete(tmp_path, monkeypatch):
+    import signal
+
+    from mrprune import export
+    from mrprune.cli import interrupted_message
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    real = os.replace
+
+    def signalled(src, dst):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the old output is moved aside
+        return real(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", signalled)
+    with pytest.raises(KeyboardInterrupt) as exc:
+        export.write_dir_atomically(out, lambda tmp: (tmp / "weights").write_text("new"))
+    assert (out / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the old copy removed, nothing hidden left
+    assert interrupted_message(exc.value)[0] == f"mrprune: interrupted by SIGINT; the output had been written " \
+                                                f"completely to {out}"

@@ -7,6 +7,7 @@ an interrupt while torch loads is the command line's to report.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -25,9 +26,12 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: mrprune.config.merge(...)
+        value = importlib.import_module(f".{name}", __name__)
+    else:
         raise AttributeError(f"module 'mrprune' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     globals()[name] = value
     return value
 

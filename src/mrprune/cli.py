@@ -237,6 +237,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.max_windows is not None:
         check_positive("--max-windows", args.max_windows)
     if args.tasks is not None:
+        if args.text is None and typed & {"seqlen", "max_windows", "bos"}:
+            raise ConfigError("--seqlen, --max-windows and --bos set the perplexity, which 'eval --tasks' measures "
+                              "only with --text: add --text")
         return eval_zeroshot(args)
     if typed & {"limit", "task_data", "num_fewshot"}:
         raise ConfigError("--limit, --num-fewshot and --task-data apply to zero-shot tasks: add --tasks")
@@ -527,7 +530,8 @@ def interrupted_message(exc: KeyboardInterrupt) -> tuple[str, int]:
     """The one line printed for an interruption, and the exit code (130 SIGINT, 143 SIGTERM)."""
     name, code = (exc.name, exc.exit_code) if isinstance(exc, Interrupted) else ("SIGINT", 130)
     saved = getattr(exc, "checkpoint_dir", None)
-    tail = "; no output was written"
+    written = getattr(exc, "output_written", None)  # it came while the finished output was being moved in
+    tail = f"; the output had been written completely to {written}" if written else "; no output was written"
     if saved:
         tail += f"; progress is saved in {saved}: rerun the same command with --resume to continue"
     return f"mrprune: interrupted by {name}{tail}", code

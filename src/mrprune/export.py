@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -152,51 +153,71 @@ def publish_mode(path: Path, directory: bool) -> None:
 
 def write_dir_atomically(out: Path, fill: Callable[[Path], None]) -> Path:
     """``fill`` a hidden temporary sibling of ``out``, then rename it into place (replacing an old ``out``
-    only once the new one is complete): a crash leaves either the old directory or the new one, never half."""
+    only once the new one is complete): a crash leaves either the old directory or the new one, never half.
+    An interrupt that comes while the renames run is held until they are done; it then carries
+    ``output_written`` so the interruption message can say the output is complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old: Path | None = None
     try:
         publish_mode(tmp, directory=True)
         fill(tmp)
-        if out.exists():  # two renames that must not be split: old out aside, new one in
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        try:
             with deferred_signals():
-                try:
-                    os.replace(out, old / out.name)
-                    os.replace(tmp, out)
-                except BaseException:
-                    if (old / out.name).exists() and not out.exists():
-                        os.replace(old / out.name, out)  # the old one back
-                    raise
-        else:
-            os.replace(tmp, out)
+                _swap_in(tmp, out)
+        except KeyboardInterrupt as exc:
+            if not tmp.exists():  # the new directory is in place
+                exc.output_written = str(out)  # type: ignore[attr-defined]
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        if old is not None:
-            if out.exists():
-                shutil.rmtree(old, ignore_errors=True)
-            else:  # both renames failed: never delete the only copy
-                log.error("the previous %s is kept in %s", out.name, old)
     log.info("wrote %s", out)
     return out
 
 
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an old ``out`` goes aside first and is removed once the new one is in, or is
+    put back if that fails."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    try:
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+    except BaseException:
+        if (old / out.name).exists() and not out.exists():
+            os.replace(old / out.name, out)  # the old one back
+        if not (old / out.name).exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # never delete the only copy
+            log.error("the previous %s is kept in %s", out.name, old)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def deferred_signals():
-    """SIGINT and SIGTERM held back for a few system calls that must not be split; a signal that came meanwhile
-    is delivered as soon as they are done."""
-    try:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    except (AttributeError, ValueError, OSError):  # no pthread_sigmask on this platform
+    """SIGINT and SIGTERM held back while a few file operations that must not be split run; a signal that came
+    meanwhile goes to its own handler as soon as they are done. Python runs signal handlers in the main thread
+    whichever thread the signal reached, so the handlers are swapped (from the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            handler = previous[received[0]]
+            if callable(handler):
+                handler(received[0], None)  # e.g. KeyboardInterrupt, or the command line's SIGTERM unwinding
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), received[0])
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -327,8 +327,11 @@ def maps_in_place(source: ModelSource | None, dtype: torch.dtype) -> bool:
 def load_weights(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool = False,
                  allow_pickle: bool = False) -> torch.nn.Module:
     """The model on the CPU in ``dtype`` (blocks move to the device when needed)."""
+    import transformers
     from transformers import AutoModelForCausalLM
 
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report: check_loading_info says what matters, in a line
     try:
         loaded: Any = AutoModelForCausalLM.from_pretrained(
             source.where,
@@ -337,16 +340,14 @@ def load_weights(source: ModelSource, dtype: torch.dtype, trust_remote_code: boo
             use_safetensors=None if allow_pickle else True,
             local_files_only=source.cached_only,
             output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported by check_loading_info, not raised
         )
     except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated or corrupt file
         if _needs_remote_code(exc) and not trust_remote_code:
             raise _custom_code_error(source.description) from None
         raise ModelLoadError(f"cannot load model {source.description}: {_first_line(exc)}") from None
-    except RuntimeError as exc:
-        if "ignore_mismatched_sizes" not in str(exc):
-            raise
-        raise ModelLoadError(f"{source.description}: its config.json does not match its weights (tensor shapes "
-                             "differ; transformers' load report names them)") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     model, info = loaded
     check_loading_info(model, info, source.description)
     return model.eval()
@@ -359,6 +360,12 @@ def _pattern(key: str) -> str:
 def check_loading_info(model: torch.nn.Module, info: dict, description: str) -> None:
     """A config.json that does not match its weights: weights it declares but the checkpoint lacks would be
     random (and pruned, and saved); weights of modules it does not declare (a block more) would be dropped."""
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, stored, declared = mismatched[0]
+        raise ModelLoadError(f"{description}: its config.json does not match its weights: {len(mismatched)} "
+                             f"weight(s) have other shapes than it declares (e.g. {key}: {tuple(stored)} in the "
+                             f"checkpoint, {tuple(declared)} declared)")
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise ModelLoadError(f"{description}: its config.json does not match its weights: {len(missing)} weight(s) "

@@ -324,8 +324,7 @@ class Checkpoint:
             "generation": self.generation + 1,
             "next_block": next_block,
             "activations": None if activations is None else activations_file(activations),
-            "blocks_saved": saved,
-            "block_files": {str(i): files[str(i)] for i in saved},
+            "block_files": {str(i): files[str(i)] for i in saved},  # the saved blocks and their files
             "records": None if records is None else [_record_to_dict(r) for r in records],
             "state": state or {},
             "fingerprint": self.fingerprint,
@@ -358,10 +357,10 @@ class Checkpoint:
         returns the blocks restored."""
         from safetensors.torch import load_file
 
-        blocks = list(self.progress.get("blocks_saved", [])) if self.progress else []
         files = self._block_files()
+        blocks = sorted(int(index) for index in files)
         for index in blocks:
-            path = self.directory / files.get(str(index), f"(no file for block {index})")
+            path = self.directory / files[str(index)]
             try:
                 tensors = load_file(path)
             except (OSError, ValueError, RuntimeError) as exc:

@@ -204,7 +204,8 @@ class PruneConfig:
             raise ConfigError("allocation 'file' needs --ratios FILE (JSON or YAML)")
         for path in ("output", "runtime.checkpoint_dir", "runtime.offload_dir", "allocation.ratios",
                      "calibration.source", "evaluation.text", "model"):
-            if operator.attrgetter(path)(self) == "" or str(operator.attrgetter(path)(self)).isspace():
+            value = operator.attrgetter(path)(self)
+            if isinstance(value, str) and not value.strip():
                 raise ConfigError(f"{path} is empty: give a path (or leave the option out)")
         check_positive("calibration.nsamples", self.calibration.nsamples)
         check_positive("calibration.seqlen", self.calibration.seqlen)

@@ -202,9 +202,6 @@ def layout(adapter: ModelAdapter) -> list[list[tuple[str, tuple[int, ...]]]]:
             for i in range(adapter.num_blocks)]
 
 
-# ---------------------------------------------------------------------------------------- weight snapshots
-
-
 # ---------------------------------------------------------------------------------------------- output
 
 

@@ -338,10 +338,17 @@ def test_a_tokenizer_given_with_a_model_path_is_the_one_used(tiny_dir, monkeypat
         prune(str(tiny_dir("llama")), config, tokenizer=Marked(), progress=False)
     with pytest.raises(RuntimeError, match="the given tokenizer was used"):
         mrprune.api.evaluate_perplexity(str(tiny_dir("llama")), Marked(), text="embedded")
+    without_tokenizer = tiny_dir("llama")  # a tokenizer given makes the model's own unnecessary: it is not read
+    for path in without_tokenizer.glob("tokenizer*"):
+        path.unlink()
     marked, seen = Marked(), []
     monkeypatch.setattr(mrprune.api.zs, "evaluate_zeroshot", lambda model, tok, *args, **kwargs: seen.append(tok))
-    mrprune.api.evaluate_zeroshot(str(tiny_dir("llama")), marked, tasks=mrprune.api.zs.ZeroShotTasks([], None, None))
+    mrprune.api.evaluate_zeroshot(str(without_tokenizer), marked, tasks=mrprune.api.zs.ZeroShotTasks([], None, None))
     assert seen == [marked]
+    from mrprune.analyze.common import load_job
+
+    with pytest.raises(RuntimeError, match="the given tokenizer was used"):  # the analyses take it the same way
+        load_job(str(without_tokenizer), Marked(), config).tokenizer("text")
 
 
 def test_a_layer_already_sparser_than_its_share_is_named_when_the_target_is_missed(tokenizer, caplog):

@@ -93,7 +93,7 @@ def _load(model, tokenizer, config: PruneConfig):
     if model is None or isinstance(model, (str, Path)):
         spec = str(model) if model is not None else config.model
         r = config.runtime
-        loaded = load_model(spec, r.dtype, r.device, r.trust_remote_code, r.allow_pickle)
+        loaded = load_model(spec, r.dtype, r.device, r.trust_remote_code, r.allow_pickle, tokenizer)
         return loaded.model, loaded.tokenizer, loaded.source, loaded.local_dir
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     local = Path(source) if source and Path(source).is_dir() else None
@@ -666,8 +666,9 @@ def evaluate_zeroshot(
     check_zeroshot_counts(limit, num_fewshot, batch_size)
     prepared = tasks if isinstance(tasks, zs.ZeroShotTasks) else zs.prepare_tasks(tasks, task_data)
     if model is None or isinstance(model, (str, Path)):
-        loaded = load_model(None if model is None else str(model), dtype, device, trust_remote_code, allow_pickle)
-        model, tokenizer = loaded.model, tokenizer if tokenizer is not None else loaded.tokenizer
+        loaded = load_model(None if model is None else str(model), dtype, device, trust_remote_code, allow_pickle,
+                            tokenizer)
+        model, tokenizer = loaded.model, loaded.tokenizer
     torch_device = resolve_device(device)
     adapter = get_adapter(model)
     place_model(model, adapter.blocks_name, torch_device, offload)

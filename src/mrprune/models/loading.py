@@ -370,16 +370,17 @@ def check_loading_info(model: torch.nn.Module, info: dict, description: str) -> 
     if missing:
         raise ModelLoadError(f"{description}: its config.json does not match its weights: {len(missing)} weight(s) "
                              f"it declares are not in the checkpoint (e.g. {missing[0]}) and would be random")
-    declared = {_pattern(key) for key in model.state_dict()}
     unexpected = sorted(info.get("unexpected_keys") or [])
+    if not unexpected:
+        return
+    declared = {_pattern(key) for key in model.state_dict()}
     extra = [key for key in unexpected if _pattern(key) in declared]
     if extra:
         raise ModelLoadError(f"{description}: its config.json does not match its weights: the checkpoint holds "
                              f"{len(extra)} weight(s) of modules it does not declare (e.g. {extra[0]}), which "
                              "would be dropped")
-    if unexpected:
-        log.warning("%s: %d weight(s) of the checkpoint belong to no module of the model and are not used (e.g. "
-                    "%s)", description, len(unexpected), unexpected[0])
+    log.warning("%s: %d weight(s) of the checkpoint belong to no module of the model and are not used (e.g. %s)",
+                description, len(unexpected), unexpected[0])
 
 
 def load_model(
@@ -388,13 +389,16 @@ def load_model(
     device: str = "auto",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    tokenizer=None,
 ) -> LoadedModel:
-    """Load model and tokenizer on the CPU in the resolved dtype (blocks move to the device when needed)."""
+    """Load model and tokenizer on the CPU in the resolved dtype (blocks move to the device when needed); a
+    ``tokenizer`` given is used instead of the model's own (which is then not read at all)."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     source = open_source(spec, trust_remote_code, allow_pickle)
     model = load_weights(source, torch_dtype, trust_remote_code, allow_pickle)
-    tokenizer = load_tokenizer(source, trust_remote_code)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source, trust_remote_code)
     return LoadedModel(model, tokenizer, source.description, source.local_dir)
 
 

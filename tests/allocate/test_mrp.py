@@ -284,6 +284,31 @@ def test_fast_mrp_nested_masks_hold_the_dense_start_mask(masks, device):
         assert not all(held.values())
 
 
+def test_fast_mrp_start_pilot_nests_the_exact_loops_own_start_mask(device):
+    """With the 'start' pilot, the first leg of the nested masks is the exact loop's uniform start itself (Wanda at
+    s0 with the statistics of the model pruned uniformly to s0), not a stand-in from the dense statistics."""
+    from mrprune.allocate.mrp_fast import FastMrpRun
+
+    model = tiny_model("llama")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    exact = mrp_run(model=model, target=0.6, s0=0.5, smax=0.8, device=device)
+    exact.prepare()
+    exact.uniform_start()
+    loop_start = weights_zero_mask(exact.adapter)
+    model.load_state_dict(state)
+    dense_start = mrp_run(model=model, target=0.6, s0=0.5, smax=0.8, device=device)
+    FastMrpRun(dense_start.opt, dense_start.ctx, dense_start.pruner, IDS).run()
+    held_dense = [bool(m[loop_start[n]].all()) for n, m in weights_zero_mask(dense_start.adapter).items()]
+    model.load_state_dict(state)
+    base = mrp_run(model=model, target=0.6, s0=0.5, smax=0.8, device=device, pilot="start")
+    allocation, records = FastMrpRun(base.opt, base.ctx, base.pruner, IDS).run()
+    assert allocation.details["masks"] == "nested" and allocation.details["pilot"] == "start"
+    assert sum(r.zeros for r in records) == round(0.6 * sum(r.numel for r in records))
+    for name, zeros in weights_zero_mask(base.adapter).items():
+        assert bool(zeros[loop_start[name]].all()), name
+    assert not all(held_dense)  # the dense statistics' start mask is another one after block 0
+
+
 def test_fast_mrp_nests_only_where_the_dense_pass_kept_the_statistics():
     from mrprune.allocate.mrp_fast import FastMrpRun
 

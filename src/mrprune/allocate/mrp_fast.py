@@ -30,7 +30,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from ..metrics.base import sq_norms
+from ..metrics.base import LayerStats, sq_norms
 from ..redundancy import RedundancyCurve, equalize, row_outlier_counts, spread, thresholds
 from ..runner import LayerRecord, SequentialPruner
 from .base import Allocation, AllocationContext
@@ -38,13 +38,21 @@ from .mrp import MrpAllocator, Unit, build_units, layer_counts_for, per_unit_on_
 
 log = logging.getLogger(__name__)
 
-#: checkpoint file holding the pilot pass's per-row outlier counts
+#: checkpoint file holding the pilot pass's per-row outlier counts (and, with the 'start' pilot and nested masks,
+#: the start's input statistics under START_KEY + layer name, their token counts under TOKENS_KEY + layer name)
 PILOT_FILE = "mrp-fast-pilot"
+START_KEY = "start:"
+TOKENS_KEY = "start-tokens:"
 
 
 def unit_curve(unit: Unit, sq_norms: dict[str, torch.Tensor], tau: float) -> RedundancyCurve:
     return RedundancyCurve([(row_outlier_counts(ref.weight, sq_norms[ref.name], tau).cpu(), ref.in_features)
                             for ref in unit.layers])
+
+
+def start_leg_stats(tokens: int, sq_norm: torch.Tensor | None) -> LayerStats:
+    """What the first leg of nested masks needs of the start's statistics (Wanda's norms), without the rest."""
+    return LayerStats(tokens=tokens, sq_norm=sq_norm, unseen=tokens == 0)
 
 
 class FastMrpRun:
@@ -68,6 +76,8 @@ class FastMrpRun:
         # statistics the dense pass keeps (Wanda's norms) can nest; magnitude masks nest by themselves.
         metric = pruner.metric
         self.nested = options.masks == "nested" and metric.needs_sq_norm and not metric.needs_hessian
+        #: with the 'start' pilot, each block's statistics in the loop's uniform start (the nested masks' first leg)
+        self.start_stats: dict[str, LayerStats] = {}
 
     def run(self) -> tuple[Allocation, list[LayerRecord]]:
         pruner, opt = self.pruner, self.opt
@@ -93,7 +103,8 @@ class FastMrpRun:
         if start >= self.adapter.num_blocks:
             return self.result(final_ratios)
         acts = pruner.resume(self.input_ids) if start else pruner.capture(self.input_ids)
-        dense_stats = self.dense_stats() if self.nested else {}
+        # the first leg's statistics: those of the loop's uniform start where the pilot measured it, else dense
+        leg_stats = (self.start_stats or self.dense_stats()) if self.nested else {}
         for block in tqdm(range(start, self.adapter.num_blocks), desc=f"fast MRP ({pruner.metric.name})",
                           unit="block", disable=not pruner.progress):
             units = self.by_block[block]
@@ -124,7 +135,7 @@ class FastMrpRun:
                                            "sparsity": round(fixed[unit.index], 6), "drift": round(scale, 4)})
                 if self.nested:
                     first = {name: min(self.s0, share) for name, share in targets.items()}
-                    pruner.prune_layers(layers, first, {ref.name: dense_stats[ref.name] for ref in layers})
+                    pruner.prune_layers(layers, first, {ref.name: leg_stats[ref.name] for ref in layers})
                 pruner.prune_layers(layers, targets, stats)
                 del stats
                 if opt.activations == "dense-block":  # the statistics above are the dense block's already
@@ -161,6 +172,10 @@ class FastMrpRun:
         if start:
             assert ckpt is not None
             saved = ckpt.load_tensors(PILOT_FILE)
+            for key, norm in saved.items():
+                if key.startswith(START_KEY):
+                    name = key[len(START_KEY):]
+                    self.start_stats[name] = start_leg_stats(int(saved[TOKENS_KEY + name]), norm)
             return [RedundancyCurve([(saved[f"{unit.index}.{j}"], ref.in_features)
                                      for j, ref in enumerate(unit.layers)]) for unit in self.units]
         if self.opt.pilot == "start":
@@ -170,8 +185,13 @@ class FastMrpRun:
                 sparsities = equalize(dense_curves, self.target, self.s0, self.opt.smax)
         curves = self.curves_pruned_to(sparsities)
         if ckpt is not None:
-            ckpt.save_tensors(PILOT_FILE, {f"{unit.index}.{j}": counts for unit, curve in zip(self.units, curves)
-                                           for j, (counts, _) in enumerate(curve.layers)})
+            tensors = {f"{unit.index}.{j}": counts for unit, curve in zip(self.units, curves)
+                       for j, (counts, _) in enumerate(curve.layers)}
+            for name, layer in self.start_stats.items():
+                assert layer.sq_norm is not None
+                tensors[START_KEY + name] = layer.sq_norm.clone()  # layers sharing an input share the tensor
+                tensors[TOKENS_KEY + name] = torch.tensor(layer.tokens)
+            ckpt.save_tensors(PILOT_FILE, tensors)
         return curves
 
     def curves_pruned_to(self, sparsities: list[float]) -> list[RedundancyCurve]:
@@ -181,12 +201,16 @@ class FastMrpRun:
         unit_of = {ref.name: unit.index for unit in self.units for ref in unit.layers}
         curves: list[RedundancyCurve | None] = [None] * len(self.units)
         acts = pruner.capture(self.input_ids)
+        keep_start = self.nested and self.opt.pilot == "start"
         for block in tqdm(range(self.adapter.num_blocks), desc=f"fast MRP pilot ({self.opt.pilot})", unit="block",
                           disable=not pruner.progress):
             layers = self.adapter.linear_layers(block)
             pruner._block_on_device(block)
             try:
                 stats = pruner.collect_stats(acts, layers, sq_norm=True)
+                if keep_start:  # the block as the loop's uniform start finds it: dense, upstream pruned to s0
+                    self.start_stats.update({ref.name: start_leg_stats(stats[ref.name].tokens, stats[ref.name].sq_norm)
+                                             for ref in layers})
                 with pruner.timer.phase("masks"):
                     norms = sq_norms(stats)
                     for unit in self.by_block[block]:

@@ -56,3 +56,38 @@ def test_eval_with_tasks_and_a_missing_text_fails_before_loading(tiny_dir, share
     code, _, err = run_cli(capsys, "eval", tiny_dir("llama"), "--tasks", "rte", "--task-data", shared_data,
                            "--text", "typo.txt")
     assert_one_line_error(code, err, "text source typo.txt does not exist")
+
+
+@pytest.mark.parametrize("run", [
+    lambda model, options, levels: compare(model, fast_config(**options), allocations="uniform,owl,mrp",
+                                           sparsities=levels),
+    lambda model, options, levels: allocation_analysis(model, fast_config(sparsity=float(levels.split(",")[-1]),
+                                                                          **options), allocations="uniform,owl,mrp"),
+], ids=["compare", "allocation"])
+def test_an_allocator_option_of_a_later_cell_is_refused_before_the_weights_load(tiny_dir, no_loading, run):
+    model = str(tiny_dir("llama"))
+    with pytest.raises(ConfigError, match=r"^owl, wanda, sparsity 0.5: allocation.owl.lam must be non-negative"):
+        run(model, {"allocation.owl.lam": -1.0}, "0.5")
+    with pytest.raises(ConfigError, match=r"^mrp, wanda, sparsity 0.5: MRP needs 0 < min_step"):
+        run(model, {"allocation.mrp.gamma": 0.0}, "0.5")
+    with pytest.raises(ConfigError, match=r"^mrp, wanda, sparsity 0.97: MRP s_max=0.95 must lie in"):
+        run(model, {}, "0.5,0.97")
+
+
+@pytest.mark.parametrize("run", [
+    lambda model, ratios: compare(model, fast_config(**{"allocation.ratios": ratios}), allocations="uniform,file"),
+    lambda model, ratios: allocation_analysis(model, fast_config(**{"allocation.ratios": ratios}),
+                                              allocations="uniform,file"),
+], ids=["compare", "allocation"])
+def test_what_a_cell_checks_on_the_model_fails_before_the_first_cell_runs(tiny_dir, tmp_path, monkeypatch, run):
+    """A ratios file against the model's blocks needs the model: checked after loading, before the dense
+    perplexity and the first cell (hours on a 7B model)."""
+    from mrprune.analyze.allocation import DenseReference
+
+    ratios = tmp_path / "ratios.json"
+    ratios.write_text("[0.5, 0.5]")
+    monkeypatch.setattr(DenseReference, "prune", lambda *a, **k: pytest.fail("a cell ran before the check"))
+    monkeypatch.setattr(common.Job, "perplexity", lambda *a, **k: pytest.fail("evaluated before the check"))
+    with pytest.raises(ConfigError, match=r"^file, wanda, sparsity 0.5: ratios file .* has 2 block ratios but the "
+                                          r"model has 3 blocks"):
+        run(str(tiny_dir("llama")), str(ratios))

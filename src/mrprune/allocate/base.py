@@ -80,9 +80,14 @@ class Allocator(ABC):
     def allocate(self, ctx: AllocationContext) -> Allocation:
         """Per-block or per-layer ratios hitting ``ctx.target`` in the parameter-weighted sense."""
 
+    def check_options(self, target: float | None) -> None:
+        """Raise a ConfigError for what is wrong with this allocation's options against ``target`` alone, with no
+        model at hand (an analysis checks every cell of its grid so). Nothing to check by default."""
+
     def check_shape(self, ctx: AllocationContext) -> None:
-        """Raise a ConfigError for what is wrong with this allocation on the model's shape alone (``ctx.adapter``
-        may wrap a weightless skeleton): checked before the weights load. Nothing to check by default."""
+        """Raise a ConfigError for what is wrong with this allocation on the model's shape (``ctx.adapter`` may
+        wrap a weightless skeleton): checked before the weights load. By default, only the options."""
+        self.check_options(ctx.target)
 
 
 class IterativeAllocator(Allocator):

@@ -451,8 +451,8 @@ class MrpAllocator(IterativeAllocator):
     def __init__(self, options):
         self.options = options
 
-    def check_shape(self, ctx: AllocationContext) -> None:
-        resolve_start(self.options, ctx.target)
+    def check_options(self, target: float | None) -> None:
+        resolve_start(self.options, target)
         if self.stepped:
             check_schedule(self.options)
 

@@ -34,6 +34,10 @@ class AutoAllocator(Allocator):
     def allocate(self, ctx: AllocationContext) -> Allocation:
         raise TypeError("auto prunes once per candidate; mrprune.prune runs it")
 
+    def check_options(self, target: float | None) -> None:
+        for candidate in self.candidates:
+            candidate.check_options(target)
+
     def check_shape(self, ctx: AllocationContext) -> None:
         for candidate in self.candidates:
             candidate.check_shape(ctx)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,12 @@ from typing import Any
 import torch
 
 from .. import spill
-from ..allocate import CANDIDATE_ALLOCATIONS, COMPARED_BY_DEFAULT
+from ..allocate import CANDIDATE_ALLOCATIONS, COMPARED_BY_DEFAULT, AllocationContext, build_allocator
 from ..api import PruneOutcome, prune
 from ..config import PruneConfig, merge
 from ..errors import ConfigError
 from ..export import input_paths
+from ..models.adapter import ModelAdapter
 from ..redundancy import spread
 from ..runtime import keeps_placement
 from . import common, plots
@@ -170,16 +172,34 @@ def _short(source: str) -> str:
 
 def cell_configs(config: PruneConfig, allocations: Sequence[str], metric: str,
                  sparsity: float) -> dict[str, PruneConfig]:
-    """One validated prune config per allocator (so a bad combination fails before any work)."""
+    """One validated prune config per allocator, its allocator's options checked too (so a bad combination
+    fails before any work; what needs the model's shape waits for ``check_cells``)."""
     out = {}
     for name in allocations:
         cell = merge(config, {"allocation.method": name, "metric": metric, "sparsity": sparsity,
                               "pattern": "unstructured"})
-        try:
+        with _naming_the_cell(name, metric, sparsity):
             out[name] = cell.validate()
-        except ConfigError as exc:
-            raise ConfigError(f"{name}, {metric}, sparsity {sparsity:g}: {exc}") from None
+            build_allocator(name, out[name]).check_options(sparsity)
     return out
+
+
+def check_cells(cells: dict[str, PruneConfig], adapter: ModelAdapter) -> None:
+    """What each cell's allocation can check on the model's shape (MRP's start against the target, a ratios
+    file against the blocks), for every cell before the first one runs."""
+    for name, cell in cells.items():
+        assert cell.sparsity is not None
+        with _naming_the_cell(name, cell.metric, cell.sparsity):
+            build_allocator(name, cell).check_shape(
+                AllocationContext(adapter, cell.sparsity, cell.allocation.granularity, cell))
+
+
+@contextmanager
+def _naming_the_cell(name: str, metric: str, sparsity: float) -> Iterator[None]:
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(f"{name}, {metric}, sparsity {sparsity:g}: {exc}") from None
 
 
 def summarize(name: str, outcome: PruneOutcome, ratios: list[float], seconds: float,
@@ -220,6 +240,7 @@ def allocation_analysis(
     calibration = common.calibration_corpus(config)  # texts are checked before the weights load
     corpus = common.eval_corpus(config) if evaluate else None
     job = common.load_job(model, tokenizer, config)
+    check_cells(configs, job.adapter)
     ids = common.calibration_ids(config, job.tokenizer, calibration)
     m = config.allocation.mrp.m
     reference = DenseReference(job, ids, m, progress)

@@ -23,7 +23,7 @@ from ..metrics import METRICS
 from ..redundancy import spread
 from ..runtime import keeps_placement
 from . import common, plots
-from .allocation import DEFAULT_ALLOCATIONS, DenseReference, cell_configs
+from .allocation import DEFAULT_ALLOCATIONS, DenseReference, cell_configs, check_cells
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +126,10 @@ class CompareResult:
         """Write the table to ``output`` (Markdown), the rows to the .json and the plot to the .png next to it."""
         md, js, png = output_paths(output)
         common.prepare_files([md, js] + ([png] if plot else []), overwrite, protect)
-        common.write_file(js, common.json_writer(self.to_dict()))
+        writers = {js: common.json_writer(self.to_dict()), md: common.text_writer(self.to_markdown())}
         if plot:
-            common.write_file(png, self.plot)
-        common.write_file(md, common.text_writer(self.to_markdown()))
+            writers[png] = self.plot
+        common.write_files(writers)
         log.info("wrote %s", md)
         return md
 
@@ -191,6 +191,8 @@ def compare(
     corpus = common.eval_corpus(config)  # texts are checked before the weights load
     calibration = common.calibration_corpus(config) if redundancy else None
     job = common.load_job(model, tokenizer, config)
+    for grid_row in configs.values():
+        check_cells(grid_row, job.adapter)
     ids = common.calibration_ids(config, job.tokenizer, calibration) if calibration is not None else None
     reference = DenseReference(job, ids, config.allocation.mrp.m, progress)
     e = config.evaluation

@@ -54,7 +54,7 @@ def test_config_file_sets_options_and_flags_win(tiny_dir, tmp_path, capsys):
     code, stdout, _ = run_cli(capsys, "prune", "--config", config, "--sparsity", 0.6, "--dump-config")
     assert code == 0 and "metric: magnitude" in stdout and "sparsity: 0.6" in stdout and "nsamples: 4" in stdout
     code, stdout, _ = run_cli(capsys, "prune", "-q", "--config", config)
-    assert code == 0 and "global sparsity 0.3000" in stdout and "off by +0 weights" in stdout
+    assert code == 0 and "global sparsity 0.3000" in stdout and "off by +0.4 weights" in stdout
     assert "pruning    magnitude" in stdout
 
 
@@ -274,6 +274,21 @@ def test_console_script_exit_code(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("mrprune: error:")
 
+
+
+def test_a_closed_stdout_pipe_ends_quietly(tiny_dir):
+    """`mrprune info M | head -1`: the reader is gone before the output is; no traceback, the SIGPIPE status."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader already left: every write fails
+    try:
+        result = subprocess.run([sys.executable, "-m", "mrprune", "info", str(tiny_dir("llama"))], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, check=False)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
 
 
 def test_ctrl_c_while_the_command_line_loads_is_one_line(monkeypatch, capsys):

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -376,8 +377,10 @@ _ALLOCATORS = ("allocation.ratios", "allocation.granularity", "allocation.owl.",
 _ZEROSHOT = ("evaluation.tasks", "evaluation.limit", "evaluation.num_fewshot", "evaluation.task_data",
              "evaluation.batch_size")
 
-#: prune options no analysis takes (an analysis is not resumable and runs no preflight)
-_PRUNE_ONLY = ("runtime.checkpoint_dir", "runtime.resume", "runtime.remove_checkpoint", "runtime.preflight")
+#: prune options no analysis takes (an analysis is not resumable, runs no preflight and restores its dense
+#: weights between runs, which scratch files of pruned blocks cannot hold)
+_PRUNE_ONLY = ("runtime.checkpoint_dir", "runtime.resume", "runtime.remove_checkpoint", "runtime.preflight",
+               "runtime.offload_dir")
 
 #: the prune options each analysis takes (PruneConfig paths; a trailing dot takes the whole section)
 ANALYSIS_OPTIONS = {
@@ -435,7 +438,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      sparsities=args.sparsities, redundancy=args.redundancy, **_analysis_kwargs(args))
     print(result.to_markdown())
     if args.analysis_output is not None:
-        print(f"\nwrote {Path(args.analysis_output).expanduser().resolve()} (and its .json, .png)")
+        siblings = ".json" if args.no_plot else ".json, .png"
+        print(f"\nwrote {Path(args.analysis_output).expanduser().resolve()} (and its {siblings})")
     return 0
 
 
@@ -538,6 +542,20 @@ def interrupted_message(exc: KeyboardInterrupt) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # whoever read stdout stopped reading (`mrprune prune ... | head`): the rest of the output has nowhere to
+        # go, and Python's own flush at exit must not fail on it again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_EXIT
+
+
+#: the status a shell reports for a program ended by SIGPIPE (128 + 13), as other tools end in a closed pipe
+SIGPIPE_EXIT = 141
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet)
     with _sigterm_unwinds():

@@ -238,19 +238,24 @@ def prepare_files(paths: Sequence[Path], overwrite: bool, protect: Sequence[Path
         check_parent(path)
 
 
-def write_file(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write one file atomically: to a temporary sibling, then renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+def write_files(writers: dict[Path, Callable[[Path], None]]) -> None:
+    """Write a set of sibling files as one: every file to a temporary sibling first, renamed over its path only
+    once all are written, so a failed writer leaves none of them (a crash between the renames, a few system
+    calls, is the only window for a partial set)."""
+    temporaries: dict[Path, Path] = {}
     try:
-        publish_mode(Path(name), directory=False)
-        write(Path(name))
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    return path
+        for path, write in writers.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+            os.close(fd)
+            temporaries[path] = Path(name)
+            publish_mode(Path(name), directory=False)
+            write(Path(name))
+        for path, tmp in temporaries.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in temporaries.values():
+            tmp.unlink(missing_ok=True)
 
 
 def json_writer(data) -> Callable[[Path], None]:

@@ -139,7 +139,7 @@ class PruneReport:
         lines += [
             "",
             f"global sparsity {s['achieved']:.6f} (target {s['target']:.6f}, {s['zeros']} of {s['weights']} weights; "
-            f"off by {round(s['deviation_weights']):+d} weights, tolerance one row per layer = {s['tolerance_weights']}: "
+            f"off by {signed(s['deviation_weights'])} weights, tolerance one row per layer = {s['tolerance_weights']}: "
             f"{'met' if s['target_met'] else 'NOT MET'})",
         ]
         if "experts" in self.extra:
@@ -163,3 +163,10 @@ class PruneReport:
         if self.timings_s:
             lines.append("time (s)   " + ", ".join(f"{k} {v:.1f}" for k, v in self.timings_s.items()))
         return "\n".join(lines)
+
+
+def signed(count: float) -> str:
+    """A deviation in weights as the JSON holds it (3 decimals: a target of 0.6 x 110592 weights is not whole),
+    with its sign, never '-0'."""
+    text = f"{count:+.3f}".rstrip("0").rstrip(".")
+    return "+0" if text == "-0" else text

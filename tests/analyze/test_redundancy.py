@@ -83,6 +83,9 @@ def test_pruned_model_against_its_dense_model_and_against_itself(tiny_dir, token
     assert alone.to_dict()["thresholds"]["rule"] == SELF_RULE and alone.dense_model is None
     # survivors' mean is higher than the dense mean over all weights, so the self thresholds are higher
     assert all(a > d for a, d in zip(alone.thresholds, with_dense.thresholds))
+    # the JSON says whose activations the scores used: inside each block the dense weights' only with a dense model
+    assert "dense model's weights" in with_dense.to_dict()["definition"]
+    assert "own activations" in alone.to_dict()["definition"]
 
 
 def test_surviving_thresholds_by_hand():

@@ -98,6 +98,13 @@ class RedundancyResult:
         return DENSE_RULE if self.dense_model is not None else SELF_RULE
 
     @property
+    def activations(self) -> str:
+        if self.dense_model is None:
+            return "the analysed model's own activations on the calibration data"
+        return ("the analysed model's activations on the calibration data entering each block, and inside each "
+                "block those of the dense model's weights (MRP's dense-block statistics)")
+
+    @property
     def sparsity(self) -> float:
         weights = sum(b["weights"] for b in self.blocks)
         return sum(b["weights"] - b["surviving"] for b in self.blocks) / weights
@@ -110,8 +117,8 @@ class RedundancyResult:
             "thresholds": {"source": "dense" if self.dense_model is not None else "self",
                            "dense_model": self.dense_model, "m": self.m, "rule": self.rule,
                            "values": self.thresholds},
-            "definition": "R_l = 1 - #{Wanda score > tau_l} / #surviving weights of block l; scores with the "
-                          "analysed model's own activations on the calibration data",
+            "definition": "R_l = 1 - #{Wanda score > tau_l} / #surviving weights of block l; scores with "
+                          + self.activations,
             "blocks": self.blocks,
             "spread": self.spread,
             "settings": self.settings,

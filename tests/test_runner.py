@@ -153,3 +153,28 @@ def test_magnitude_needs_no_calibration_pass():
     records = runner.run(None, targets)
     assert all(abs(r.sparsity - 0.5) < 1e-9 for r in records)
     assert "capture" not in runner.timer.seconds
+
+
+def test_a_layer_the_model_never_calls_is_named_as_such_not_as_an_expert(caplog):
+    """Mamba's dt_proj is a Linear whose weight the mixer multiplies by directly: no hook sees an input, whatever
+    the calibration. It is pruned by magnitude within each row and the warning says why, once, not that more
+    samples would reach it as they would an expert."""
+    import transformers
+
+    from mrprune.metrics.base import UNSEEN_NOTE
+
+    config = transformers.MambaConfig(hidden_size=64, num_hidden_layers=3, state_size=8, vocab_size=VOCAB)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    adapter = get_adapter(model)
+    pruner = SequentialPruner(adapter, build_metric("wanda"), SparsityPattern(), torch.device("cpu"), progress=False)
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING", logger="mrprune.runner"):
+        records = pruner.run(ids, {ref.name: 0.5 for ref in adapter.all_linear_layers()})
+    unseen = {r.name for r in records if UNSEEN_NOTE in r.notes}
+    assert unseen == {f"backbone.layers.{b}.mixer.dt_proj" for b in range(3)}
+    warned = [r.getMessage() for r in caplog.records if r.name == "mrprune.runner"]
+    assert warned == [("mixer.dt_proj (block 0 on): never called as a module (the model's code reads the weight "
+                       "directly), so no calibration statistics reach it: pruned by magnitude within each row")]
+    for ref in adapter.all_linear_layers():
+        assert int((ref.weight == 0).sum()) == ref.numel // 2

@@ -18,7 +18,7 @@ from .calibrate import BlockCall, StatsCollector, capture_block_inputs, record_b
 from .checkpoint import Checkpoint
 from .metrics.base import UNSEEN_NOTE, LayerStats, PruningMetric
 from .metrics.pattern import SparsityPattern
-from .models.adapter import LinearRef, ModelAdapter, check_context, restore_weights, swap_weights
+from .models.adapter import ExpertRef, LinearRef, ModelAdapter, check_context, restore_weights, swap_weights
 from .numerics import check_pruned_weight, check_stats, require_finite_activations
 from .runtime import BlockMover, PhaseTimer, place_model
 from .spill import SpillStore
@@ -83,6 +83,7 @@ class SequentialPruner:
         self.layer_tokens: dict[str, int] = {}
         #: every note a layer's pruning gave, over all the times it was pruned (MRP prunes a layer many times)
         self.layer_notes: dict[str, list[str]] = {}
+        self._unread_said: set[str] = set()  # kinds of layer whose weight the model reads without calling them
         place_model(adapter.model, adapter.blocks_name, device, offload)
         #: with ``spill``, pruned blocks live in its files instead of the host's RAM
         self.mover = BlockMover(adapter.blocks, device, enabled=offload, spill=spill)
@@ -246,11 +247,24 @@ class SequentialPruner:
                     LayerRecord(ref.name, ref.block, tuple(ref.weight.shape), targets[ref.name], zeros, ref.numel,
                                 notes)
                 )
-        if unseen:
-            log.warning("block %s: %d of %d layers (experts) got no calibration token and were pruned by magnitude; "
-                        "more --nsamples reach more experts", ",".join(str(b) for b in sorted({r.block for r in unseen})),
-                        len(unseen), len(records))
+        self._warn_unseen(unseen, len(records))
         return records
+
+    def _warn_unseen(self, unseen: list[LinearRef], of: int) -> None:
+        """Say why layers were pruned without statistics: an expert its router never chose (more calibration
+        reaches more experts), or a layer never called as a module (Mamba's dt_proj: the model's code multiplies
+        by its weight directly, so no hook sees an input whatever the calibration; said once per kind of layer)."""
+        experts = [r for r in unseen if isinstance(r, ExpertRef)]
+        if experts:
+            log.warning("block %s: %d of %d layers (experts) got no calibration token and were pruned by magnitude; "
+                        "more --nsamples reach more experts",
+                        ",".join(str(b) for b in sorted({r.block for r in experts})), len(experts), of)
+        others = sorted({r.short_name for r in unseen if not isinstance(r, ExpertRef)} - self._unread_said)
+        if others:
+            self._unread_said.update(others)
+            log.warning("%s (block %d on): never called as a module (the model's code reads the weight directly), "
+                        "so no calibration statistics reach it: pruned by magnitude within each row",
+                        ", ".join(others), min(r.block for r in unseen if r.short_name in others))
 
     def prune_block(self, acts: Activations, targets: dict[str, float]) -> list[LayerRecord]:
         """Prune block ``acts.index`` (statistics from the cached inputs) and advance the activations."""

@@ -59,3 +59,15 @@ def test_model_without_block_list_is_rejected():
 
     with pytest.raises(UnsupportedModelError, match="cannot find the decoder blocks"):
         get_adapter(NotAnLM())
+
+
+def test_a_hybrid_of_block_classes_is_refused_naming_them():
+    """Jamba interleaves attention and Mamba blocks: the blocks exist, but of two classes, and the error says so
+    (it used to say there was no list of 2 blocks with linear layers)."""
+    config = transformers.JambaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+        mamba_d_state=8, mamba_dt_rank=8, vocab_size=384)
+    with pytest.raises(UnsupportedModelError, match=r"its 2 decoder blocks \(model.layers\) are of different "
+                                                    r"classes \(JambaAttentionDecoderLayer, JambaMambaDecoderLayer\)"):
+        get_adapter(transformers.AutoModelForCausalLM.from_config(config))

@@ -72,7 +72,8 @@ class PruningMetric(ABC):
 
 
 #: the note a layer's record carries when no calibration token reached it
-UNSEEN_NOTE = "no calibration token reached this layer (an expert its router never chose): pruned by |W| per row"
+UNSEEN_NOTE = ("no calibration token reached this layer (an expert its router never chose, or a layer whose weight the "
+               "model's code reads without calling it): pruned by |W| per row")
 
 
 def prune_unseen(weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: SparsityPattern,

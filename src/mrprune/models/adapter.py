@@ -177,22 +177,27 @@ class ModelAdapter:
 
     @staticmethod
     def _find_blocks(model: nn.Module, expected: int | None) -> tuple[str, nn.ModuleList]:
-        candidates = []
+        candidates: list[tuple[str, nn.ModuleList]] = []
+        mixed: list[tuple[str, nn.ModuleList]] = []
         for name, module in model.named_modules():
             if not isinstance(module, nn.ModuleList) or len(module) == 0:
                 continue
-            if len({type(child) for child in module}) != 1:
+            if not any(isinstance(m, LINEAR_TYPES) for child in module for m in child.modules()):
                 continue
-            if not any(isinstance(m, LINEAR_TYPES) for m in module[0].modules()):
+            if expected is not None and len(module) != expected:
                 continue
-            candidates.append((name, module))
-        if expected is not None:
-            candidates = [c for c in candidates if len(c[1]) == expected]
+            (candidates if len({type(child) for child in module}) == 1 else mixed).append((name, module))
         if not candidates:
+            what = f"{expected} " if expected is not None else ""
+            if mixed:  # a hybrid (Jamba: attention and Mamba blocks): the blocks are there, but of several kinds
+                name, module = max(mixed, key=lambda c: len(c[1]))
+                kinds = ", ".join(sorted({type(child).__name__ for child in module}))
+                raise UnsupportedModelError(
+                    f"cannot prune {type(model).__name__}: its {len(module)} decoder blocks ({name}) are of "
+                    f"different classes ({kinds}); mrprune needs blocks of one class")
             raise UnsupportedModelError(
-                f"cannot find the decoder blocks of {type(model).__name__}: no list of "
-                f"{expected if expected is not None else 'identical'} blocks with linear layers"
-            )
+                f"cannot find the decoder blocks of {type(model).__name__}: no list of {what}identical blocks "
+                f"with linear layers")
         return max(candidates, key=lambda c: len(c[1]))
 
     # ----------------------------------------------------------------------------------------------- access

@@ -225,3 +225,23 @@ def test_an_interrupt_during_the_swap_lands_after_it_and_says_the_output_is_comp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the old copy removed, nothing hidden left
     assert interrupted_message(exc.value)[0] == f"mrprune: interrupted by SIGINT; the output had been written " \
                                                 f"completely to {out}"
+
+
+def test_a_bf16_checkpoint_saved_wider_on_the_cpu_is_said(tiny_dir, tmp_path, caplog):
+    """--dtype auto prunes in float32 on the CPU: a bf16 input then comes out twice its size, and the run says so
+    (and how to keep bf16); with --dtype bfloat16 it stays bf16 and nothing is said."""
+    model_dir = tiny_dir("llama")
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model.save_pretrained(model_dir)
+    with caplog.at_level("WARNING", logger="mrprune.api"):
+        prune(config=job(model_dir, tmp_path / "wide", **{"runtime.device": "cpu"}), progress=False)
+    said = [r.getMessage() for r in caplog.records if r.name == "mrprune.api"]
+    assert said == [("the model's weights are bfloat16 but --dtype auto prunes and saves them in float32 here, 2x "
+                     "the size; --dtype bfloat16 keeps them bfloat16")]
+    assert json.loads((tmp_path / "wide" / "config.json").read_text())["dtype"] == "float32"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mrprune.api"):
+        prune(config=job(model_dir, tmp_path / "kept", **{"runtime.device": "cpu", "runtime.dtype": "bfloat16"}),
+              progress=False)
+    assert not [r for r in caplog.records if r.name == "mrprune.api"]
+    assert json.loads((tmp_path / "kept" / "config.json").read_text())["dtype"] == "bfloat16"

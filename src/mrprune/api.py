@@ -125,6 +125,7 @@ def _locate(model, tokenizer, config: PruneConfig, device: torch.device) -> _Tar
         source = open_source(spec, r.trust_remote_code, r.allow_pickle)
         tok = tokenizer if tokenizer is not None else load_tokenizer(source, r.trust_remote_code)
         protect = [p for p in (source.local_dir, *input_paths(spec)) if p is not None]
+        _say_if_wider(r.dtype, dtype, source.config, config.output)
         return _Target(None, tok, source.description, source.local_dir, source.identity, source.config, dtype, source,
                        protect)
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
@@ -136,6 +137,21 @@ def _locate(model, tokenizer, config: PruneConfig, device: torch.device) -> _Tar
                     "first with model.to(...))", r.dtype, str(dtype).removeprefix("torch."))
     return _Target(model, tokenizer, name, local, identity, getattr(model, "config", {}), dtype,
                    protect=input_paths(model))
+
+
+def _say_if_wider(requested: str, dtype: torch.dtype, model_config, output: str | None) -> None:
+    """``--dtype auto`` on the CPU prunes a bf16 checkpoint in float32 and saves it so: twice the input's size,
+    which nobody expects of a pruned model unless told."""
+    stored = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    if output is None or requested != "auto" or not isinstance(stored, torch.dtype):
+        return
+    if stored.is_floating_point and stored.itemsize < dtype.itemsize:
+        name = str(stored).removeprefix("torch.")
+        log.warning("the model's weights are %s but --dtype auto prunes and saves them in %s here, %dx the size; "
+                    "--dtype %s keeps them %s", name, str(dtype).removeprefix("torch."), dtype.itemsize // stored.itemsize,
+                    name, name)
 
 
 def _early_allocation(allocator, adapter: ModelAdapter, config: PruneConfig, pattern: SparsityPattern) -> None:

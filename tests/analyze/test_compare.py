@@ -84,3 +84,20 @@ def test_zero_shot_columns(tiny_dir, shared_data, tmp_path, capsys):
     data = json.loads(out.with_suffix(".json").read_text())
     assert 0 <= data["rows"][0]["zeroshot"]["rte"]["acc"] <= 1 and "acc" in data["dense"]["zeroshot"]["rte"]
     assert "first 4 items per task" in data["zeroshot_protocol"] and not out.with_suffix(".png").exists()
+
+
+def test_a_failed_writer_leaves_none_of_the_set(tokenizer, tmp_path, monkeypatch):
+    """The table, its rows and its plot are one output: a plot that fails to render leaves no .json or .md behind
+    (a re-run would otherwise refuse them as existing output)."""
+    from mrprune.analyze.compare import CompareResult
+
+    def broken_plot(self, path):
+        raise OSError("disk full")
+
+    result = compare(tiny_model("llama"), fast_config(), tokenizer=tokenizer, allocations="uniform", progress=False)
+    monkeypatch.setattr(CompareResult, "plot", broken_plot)
+    with pytest.raises(OSError, match="disk full"):
+        result.save(tmp_path / "grid.md")
+    assert list(tmp_path.iterdir()) == []
+    result.save(tmp_path / "grid.md", plot=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.json", "grid.md"]

@@ -85,11 +85,11 @@ PRUNE_OPTIONS = [
     Option("--mrp-activations", "allocation.mrp.activations", "activations inside a block for its outlier "
            "ratio: from its dense weights (default, as Wanda collects statistics) or its current pruned weights"),
     Option("--mrp-pilot", "allocation.mrp.pilot", "fast MRP plans from the curves of an extra pass over the "
-           "model pruned to the dense plan (default), pruned uniformly to the start s0, or from the dense pass "
-           "alone (cheapest)"),
-    Option("--mrp-masks", "allocation.mrp.masks", "fast MRP prunes each block first to s0 with the dense "
-           "model's statistics, then to its share (default, nested like the exact loop's masks; Wanda), or "
-           "straight to its share"),
+           "model pruned uniformly to the start s0, as the exact loop begins (default), pruned to the dense plan, "
+           "or from the dense pass alone (cheapest)"),
+    Option("--mrp-masks", "allocation.mrp.masks", "fast MRP prunes each block first to s0 (with the start "
+           "pilot's statistics: the exact loop's own start), then to its share (default, nested like the exact "
+           "loop's masks; Wanda), or straight to its share"),
     Option("--mrp-checkpoint-stride", "allocation.mrp.checkpoint_stride", "exact MRP: cache every k-th block's "
            "inputs to re-run MRP from the changed block (0: as memory allows)", type=int),
     Option("--calib", "calibration.source", "calibration text: a .txt/.jsonl/.parquet file, a hub dataset "

@@ -88,13 +88,13 @@ class MrpConfig:
     gamma: float = 0.95
     checkpoint_stride: int = 0
     activations: str = "dense-block"
-    #: fast MRP's planning curves: "plan" (an extra pass over the model pruned to the dense pass's plan, close
-    #: to the end state), "start" (an extra pass over the model pruned uniformly to s0, where exact MRP starts)
-    #: or "dense" (the dense pass's curves, no extra pass)
-    pilot: str = "plan"
-    #: fast MRP's masks: "nested" (each block first pruned to s0 with the dense model's statistics, then to its
-    #: plan with its current ones, so its mask holds an earlier one as the exact loop's masks do; Wanda) or
-    #: "one-shot" (straight to the plan)
+    #: fast MRP's planning curves: "start" (an extra pass over the model pruned uniformly to s0, the exact loop's
+    #: own first step), "plan" (an extra pass over the model pruned to the dense pass's plan, close to the end
+    #: state) or "dense" (the dense pass's curves, no extra pass)
+    pilot: str = "start"
+    #: fast MRP's masks: "nested" (each block first pruned to s0, with the statistics of the loop's uniform start
+    #: where the start pilot measured them, else the dense model's, then to its plan with its current ones, so
+    #: its mask holds the start's as the exact loop's masks do; Wanda) or "one-shot" (straight to the plan)
     masks: str = "nested"
 
 

@@ -263,13 +263,14 @@ def test_pilot_curves_see_the_pruned_upstream_and_leave_the_model_dense():
 
 @pytest.mark.parametrize("masks", ["nested", "one-shot"])
 def test_fast_mrp_nested_masks_hold_the_dense_start_mask(masks, device):
-    """Nested (the default): every layer's final mask contains Wanda's mask at s0 from the dense statistics, as
-    the exact loop's masks contain its uniform start; one-shot masks come from the current statistics alone."""
+    """Nested (the default) without a start pilot: every layer's final mask contains Wanda's mask at s0 from the
+    dense statistics, standing in for the exact loop's uniform start; one-shot masks come from the current
+    statistics alone."""
     from mrprune.allocate.mrp_fast import FastMrpRun
     from mrprune.metrics.masks import select_mask
     from mrprune.metrics.wanda import wanda_scores
 
-    base = mrp_run(target=0.6, s0=0.5, smax=0.8, masks=masks, device=device)
+    base = mrp_run(target=0.6, s0=0.5, smax=0.8, masks=masks, device=device, pilot="plan")
     adapter = base.adapter
     dense = base.ctx.dense_stats()
     start = {ref.name: select_mask(wanda_scores(ref.weight.float().cpu(), dense[ref.name].sq_norm.cpu()), 0.5,
@@ -285,8 +286,9 @@ def test_fast_mrp_nested_masks_hold_the_dense_start_mask(masks, device):
 
 
 def test_fast_mrp_start_pilot_nests_the_exact_loops_own_start_mask(device):
-    """With the 'start' pilot, the first leg of the nested masks is the exact loop's uniform start itself (Wanda at
-    s0 with the statistics of the model pruned uniformly to s0), not a stand-in from the dense statistics."""
+    """With the 'start' pilot (the default), the first leg of the nested masks is the exact loop's uniform start
+    itself (Wanda at s0 with the statistics of the model pruned uniformly to s0), not a stand-in from the dense
+    statistics (the 'plan' pilot's)."""
     from mrprune.allocate.mrp_fast import FastMrpRun
 
     model = tiny_model("llama")
@@ -296,11 +298,11 @@ def test_fast_mrp_start_pilot_nests_the_exact_loops_own_start_mask(device):
     exact.uniform_start()
     loop_start = weights_zero_mask(exact.adapter)
     model.load_state_dict(state)
-    dense_start = mrp_run(model=model, target=0.6, s0=0.5, smax=0.8, device=device)
+    dense_start = mrp_run(model=model, target=0.6, s0=0.5, smax=0.8, device=device, pilot="plan")
     FastMrpRun(dense_start.opt, dense_start.ctx, dense_start.pruner, IDS).run()
     held_dense = [bool(m[loop_start[n]].all()) for n, m in weights_zero_mask(dense_start.adapter).items()]
     model.load_state_dict(state)
-    base = mrp_run(model=model, target=0.6, s0=0.5, smax=0.8, device=device, pilot="start")
+    base = mrp_run(model=model, target=0.6, s0=0.5, smax=0.8, device=device)  # the default pilot
     allocation, records = FastMrpRun(base.opt, base.ctx, base.pruner, IDS).run()
     assert allocation.details["masks"] == "nested" and allocation.details["pilot"] == "start"
     assert sum(r.zeros for r in records) == round(0.6 * sum(r.numel for r in records))

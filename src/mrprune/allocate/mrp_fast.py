@@ -10,17 +10,19 @@ curves measured with the FINAL upstream blocks. So:
 1. dense pass (the one exact MRP also needs for its thresholds): thresholds tau and one curve per unit;
    ``equalize`` solves for the sparsities that give every free unit the same D with the target's weighted mean
    (a water-filling over [s0, s_max]);
-2. pilot pass (``pilot="plan"``, the default): the model pruned to that first plan only to move the
-   activations on (every block restored afterwards), each unit's curve measured with pruned upstream blocks,
-   i.e. close to the end state; the plan is re-solved on these curves. ``pilot="start"`` measures them on the
-   model pruned uniformly to s0 instead (where the exact loop starts); ``pilot="dense"`` skips the pass;
+2. pilot pass (``pilot="start"``, the default): the model pruned uniformly to s0, block by block, as the exact
+   loop's first step prunes it (every block restored afterwards), each unit's curve measured there and the plan
+   re-solved on these curves; the start's statistics are kept for step 3. ``pilot="plan"`` measures the curves
+   on the model pruned to the first plan instead (closer to the loop's end state and to its allocation, but
+   worse in perplexity everywhere it was measured: docs/mrp.md); ``pilot="dense"`` skips the pass;
 3. one sequential pruning pass: at each block the curves of its units are recomputed from the TRUE inputs
    (pruned upstream), the curves of later units are scaled by the drift measured so far, the plan is re-solved
    with the earlier units fixed, and the block is pruned to its planned sparsity: with ``masks="nested"`` (the
-   default) first to s0 with the dense statistics, so that its mask holds a start mask as the exact loop's do
-   (the loop's result depends on its masks, not only on its allocation: docs/mrp.md).
+   default) first to s0 with the start's statistics (the dense ones without a start pilot), so that its mask
+   holds the loop's own start mask (the loop's result depends on its masks, not only on its allocation:
+   docs/mrp.md).
 
-Cost: about 2.7x a uniform run with the pilot, 1.5x without, whatever the step schedule.
+Cost: about 2.4-2.7x a uniform run with a pilot, 1.5x without, whatever the step schedule.
 """
 
 from __future__ import annotations

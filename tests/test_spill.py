@@ -171,8 +171,13 @@ def test_offload_dir_mistakes_are_one_line_errors_before_any_work(tiny_dir, tmp_
     assert_one_line_error(code, err, "cannot be created: " + str(a_file) + " is a file")
     code, _, err = run_cli(capsys, *base, "--offload-dir", "/proc/scratch")
     assert_one_line_error(code, err, "cannot write to /proc")
-    code, _, err = run_cli(capsys, "analyze", "lps", "--model", model_dir, "--device", "cpu",
-                           "--offload-dir", tmp_path / "s")
+    with pytest.raises(SystemExit) as exc:  # analyses do not offer the flag
+        run_cli(capsys, "analyze", "lps", "--model", model_dir, "--device", "cpu", "--offload-dir", tmp_path / "s")
+    assert exc.value.code == 2 and "unrecognized arguments: --offload-dir" in capsys.readouterr().err
+    job = tmp_path / "job.yaml"  # nor take it from a config file
+    job.write_text(f"runtime:\n  offload_dir: {tmp_path / 's'}\n")
+    code, _, err = run_cli(capsys, "analyze", "lps", "--model", model_dir, "--device", "cpu", "--config", job,
+                           "--calib", "embedded", "--nsamples", "2", "--seqlen", "16")
     assert_one_line_error(code, err, "runtime.offload_dir applies to 'mrprune prune' only")
     assert not (model_dir / "scratch").exists() and not (tmp_path / "s").exists()
 

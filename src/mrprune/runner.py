@@ -52,6 +52,11 @@ class Activations:
     index: int = 0
 
 
+def is_expert(ref: LinearRef) -> bool:
+    """One expert's matrix: of a fused experts tensor, or a module of an ``experts`` list."""
+    return isinstance(ref, ExpertRef) or ".experts." in f".{ref.name}."
+
+
 class SequentialPruner:
     def __init__(
         self,
@@ -254,12 +259,12 @@ class SequentialPruner:
         """Say why layers were pruned without statistics: an expert its router never chose (more calibration
         reaches more experts), or a layer never called as a module (Mamba's dt_proj: the model's code multiplies
         by its weight directly, so no hook sees an input whatever the calibration; said once per kind of layer)."""
-        experts = [r for r in unseen if isinstance(r, ExpertRef)]
+        experts = [r for r in unseen if is_expert(r)]
         if experts:
             log.warning("block %s: %d of %d layers (experts) got no calibration token and were pruned by magnitude; "
                         "more --nsamples reach more experts",
                         ",".join(str(b) for b in sorted({r.block for r in experts})), len(experts), of)
-        others = sorted({r.short_name for r in unseen if not isinstance(r, ExpertRef)} - self._unread_said)
+        others = sorted({r.short_name for r in unseen if not is_expert(r)} - self._unread_said)
         if others:
             self._unread_said.update(others)
             log.warning("%s (block %d on): never called as a module (the model's code reads the weight directly), "

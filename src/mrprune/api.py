@@ -154,7 +154,7 @@ def _say_if_wider(requested: str, dtype: torch.dtype, model_config, output: str 
                     name, name)
 
 
-def _early_allocation(allocator, adapter: ModelAdapter, config: PruneConfig, pattern: SparsityPattern) -> None:
+def check_allocation_shape(allocator, adapter: ModelAdapter, config: PruneConfig, pattern: SparsityPattern) -> None:
     """What the allocation can check on the model's shape alone (a ratios file against its blocks, MRP's start
     against the target) is checked on the weightless skeleton, before the weights load."""
     target = resolve_target(config, pattern)
@@ -343,7 +343,7 @@ def _preflight(config: PruneConfig, target: _Target, shaped: torch.nn.Module, al
     r = config.runtime
     adapter = get_adapter(shaped)
     check_pattern(adapter, pattern)
-    _early_allocation(allocator, adapter, config, pattern)
+    check_allocation_shape(allocator, adapter, config, pattern)
     shape = preflight.ModelShape.from_model(shaped, adapter, target.dtype)
     if config.output is not None:
         detail = f"{shape.parameters:,} parameters x {shape.dtype_size} bytes + 10%"

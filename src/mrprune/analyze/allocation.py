@@ -21,11 +21,12 @@ from typing import Any
 import torch
 
 from .. import spill
-from ..allocate import CANDIDATE_ALLOCATIONS, COMPARED_BY_DEFAULT, AllocationContext, build_allocator
-from ..api import PruneOutcome, prune
+from ..allocate import CANDIDATE_ALLOCATIONS, COMPARED_BY_DEFAULT, build_allocator
+from ..api import PruneOutcome, check_allocation_shape, prune
 from ..config import PruneConfig, merge
 from ..errors import ConfigError
 from ..export import input_paths
+from ..metrics import SparsityPattern
 from ..models.adapter import ModelAdapter
 from ..redundancy import spread
 from ..runtime import keeps_placement
@@ -190,8 +191,7 @@ def check_cells(cells: dict[str, PruneConfig], adapter: ModelAdapter) -> None:
     for name, cell in cells.items():
         assert cell.sparsity is not None
         with _naming_the_cell(name, cell.metric, cell.sparsity):
-            build_allocator(name, cell).check_shape(
-                AllocationContext(adapter, cell.sparsity, cell.allocation.granularity, cell))
+            check_allocation_shape(build_allocator(name, cell), adapter, cell, SparsityPattern.parse(cell.pattern))
 
 
 @contextmanager

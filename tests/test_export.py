@@ -188,7 +188,18 @@ def test_an_overwrite_interrupted_between_its_renames_keeps_the_old_output(tmp_p
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], when  # no hidden temporary or aside folder
 
 
-def test_deferred_signals_hold_a_signal_until_the_block_ends():
+@pytest.fixture
+def terminal_sigint():
+    """SIGINT raising KeyboardInterrupt as in a terminal: a shell starts background jobs (``.ci/run &``) with
+    SIGINT ignored, and Python then keeps it ignored, which these tests would mistake for a lost signal."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_deferred_signals_hold_a_signal_until_the_block_ends(terminal_sigint):
     import signal
 
     from mrprune.export import deferred_signals
@@ -203,7 +214,24 @@ def test_deferred_signals_hold_a_signal_until_the_block_ends():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
 
 
-def test_an_interrupt_during_the_swap_lands_after_it_and_says_the_output_is_complete(tmp_path, monkeypatch):
+def test_an_ignored_sigint_stays_ignored_through_the_block():
+    """Started with SIGINT ignored (a shell's background job, nohup): the held signal is dropped as the user asked,
+    and the ignore disposition is back afterwards."""
+    import signal
+
+    from mrprune.export import deferred_signals
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with deferred_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_an_interrupt_during_the_swap_lands_after_it_and_says_the_output_is_complete(tmp_path, monkeypatch,
+                                                                                       terminal_sigint):
     import signal
 
     from mrprune import export

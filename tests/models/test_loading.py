@@ -45,3 +45,24 @@ def test_a_conversion_whose_tokenizer_breaks_caches_nothing(tokenizer, tmp_path,
     with pytest.raises(ModelLoadError, match="encodes text differently"):
         loading.convert_gguf(gguf)
     assert not any((tmp_path / "gguf").iterdir())
+
+
+@pytest.mark.slow
+def test_runs_converting_the_same_gguf_side_by_side_share_the_first_copy(tmp_path, monkeypatch):
+    """Two runs started together on one GGUF both convert it; the one that finishes second finds the cache
+    filled (the rename onto a non-empty directory fails) and uses that copy instead of failing."""
+    import shutil
+
+    monkeypatch.setenv("MRPRUNE_CACHE_DIR", str(tmp_path))
+    check = loading.check_saved_tokenizer
+    gguf = loading.embedded_default_gguf()
+    target = loading.gguf_cache_dir(gguf)
+
+    def other_process_finishes_first(original, directory, what):
+        check(original, directory, what)
+        shutil.copytree(directory, target)  # the other run's rename, just before ours
+
+    monkeypatch.setattr(loading, "check_saved_tokenizer", other_process_finishes_first)
+    assert loading.convert_gguf(gguf) == target
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # our temporary copy removed
+    assert (target / "config.json").is_file() and any(target.glob("*.safetensors"))

@@ -148,7 +148,14 @@ def convert_gguf(gguf: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         check_saved_tokenizer(tokenizer, tmp, gguf.name)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            # another process converted the same file meanwhile (runs started side by side): keep its copy
+            log.info("%s was converted by another process meanwhile; using its copy", gguf.name)
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

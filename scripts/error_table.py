@@ -9,6 +9,7 @@ function that measures it, and the table says so.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "src"))
 
 #: a CLI run with one measuring function replaced (the condition it simulates is named in the table)
 PATCHED = """
@@ -66,6 +68,24 @@ def run(args: list[str], cwd: Path, patch: str | None = None, signal_after: tupl
     lines = [line for line in err.splitlines() if line.strip()]
     ours = [line for line in lines if line.startswith("mrprune")]
     return code, (ours or lines or [""])[-1]
+
+
+@contextlib.contextmanager
+def holding(checkpoint_dir: Path | None):
+    """The checkpoint lock of ``checkpoint_dir`` held by this process, as a running mrprune holds it."""
+    if checkpoint_dir is None:
+        yield
+        return
+    from mrprune.checkpoint import LOCK
+    from mrprune.locking import release, try_lock
+
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    fd = try_lock(checkpoint_dir / LOCK)
+    assert fd is not None
+    try:
+        yield
+    finally:
+        release(fd)
 
 
 def make_models(root: Path) -> dict[str, Path]:
@@ -229,6 +249,8 @@ def cases(root: Path, m: dict[str, Path]) -> list[tuple[str, list[str], dict]]:
         ("--resume with an empty checkpoint directory", tiny + ["--checkpoint-dir", "ck-empty", "--resume"], {}),
         ("checkpoint directory holding someone else's files", tiny + ["--checkpoint-dir", "busy"], {}),
         ("--checkpoint-dir inside --output", tiny + ["--output", "out-x", "--checkpoint-dir", "out-x/ck"], {}),
+        ("checkpoint directory in use by another run (its lock held meanwhile, as a running mrprune holds it)",
+         tiny + ["--checkpoint-dir", "ck-held"], {"hold": root / "ck-held"}),
         ("--offload-dir inside the input model", tiny + ["--offload-dir", "tiny/scratch"], {}),
         ("--offload-dir that is a file", tiny + ["--offload-dir", "afile.txt"], {}),
         ("--offload-dir for an analysis", ["analyze", "lps", "-q", "--model", "tiny", "--calib", "embedded",
@@ -276,7 +298,8 @@ def main() -> None:
     for what, args, options in cases(root, models):
         if "before" in options:
             run(options["before"], root)
-        code, message = run(args, root, options.get("patch"), options.get("signal"))
+        with holding(options.get("hold")):
+            code, message = run(args, root, options.get("patch"), options.get("signal"))
         message = message.replace(str(root), "...").replace("|", "\\|")
         shown = " ".join(a if " " not in a else repr(a) for a in args).replace(str(root), "...")
         rows.append((what, shown, code, message))

@@ -15,7 +15,7 @@ import transformers
 
 from mrprune import PruneConfig, prune
 from mrprune.allocate.mrp import MrpRun
-from mrprune.checkpoint import PROGRESS, Checkpoint
+from mrprune.checkpoint import LOCK, PROGRESS, Checkpoint
 from mrprune.config import merge
 from mrprune.errors import CheckpointError, ConfigError
 from mrprune.runner import SequentialPruner
@@ -307,9 +307,11 @@ def test_allocator_files_belong_to_the_checkpoint(tmp_path):
     from mrprune.checkpoint import Checkpoint
 
     folder = tmp_path / "ckpt"
-    Checkpoint.open(folder, {"run": 1}, resume=False).save_tensors("mrp-fast-pilot", {"0.0": torch.arange(3)})
+    first = Checkpoint.open(folder, {"run": 1}, resume=False)
+    first.save_tensors("mrp-fast-pilot", {"0.0": torch.arange(3)})
+    first.close()  # the run stops
     ckpt = Checkpoint.open(folder, {"run": 1}, resume=False)  # an interrupted pilot leaves nothing to resume
-    assert list(folder.iterdir()) == []
+    assert [p.name for p in folder.iterdir()] == [LOCK]  # held while this run uses the folder
     ckpt.save_tensors("mrp-fast-pilot", {"0.0": torch.arange(3)})
     assert torch.equal(ckpt.load_tensors("mrp-fast-pilot")["0.0"], torch.arange(3))
     ckpt.commit("mrp-fast", [], next_block=0)
@@ -333,6 +335,7 @@ def test_a_block_saved_again_keeps_its_committed_file_until_the_next_commit(tmp_
     with torch.no_grad():
         ref.weight.zero_()
     ckpt.save_blocks(adapter, [1])  # the next iteration's weights; the run stops before its commit
+    ckpt.close()
     assert len(list(folder.glob("block-00001-*.safetensors"))) == 2
 
     resumed = Checkpoint.open(folder, {"run": 1}, resume=True)
@@ -349,3 +352,36 @@ def test_a_block_saved_again_keeps_its_committed_file_until_the_next_commit(tmp_
         ref.weight.copy_(committed)
     resumed.restore_weights(adapter)
     assert not ref.weight.any()
+
+
+def test_a_second_run_on_a_checkpoint_in_use_is_refused_and_the_first_keeps_it(tmp_path):
+    """Two runs started on one --checkpoint-dir would write the same file names and mix their blocks (a later
+    --resume then exported weights of the other run): the directory is locked while a run uses it."""
+    folder = tmp_path / "ckpt"
+    first = Checkpoint.open(folder, {"run": 1}, resume=False)
+    first.save_tensors("mrp-fast-pilot", {"0.0": torch.arange(3)})
+    with pytest.raises(CheckpointError, match=f"checkpoint dir {folder} is in use by another mrprune run"):
+        Checkpoint.open(folder, {"run": 2}, resume=False)  # before the first commit: it would delete the pilot
+    assert torch.equal(first.load_tensors("mrp-fast-pilot")["0.0"], torch.arange(3))
+    first.commit("mrp-fast", [], next_block=0)
+    for resume in (False, True):
+        with pytest.raises(CheckpointError, match=f"checkpoint dir {folder} is in use by another mrprune run"):
+            Checkpoint.open(folder, {"run": 1}, resume=resume)
+    assert (folder / LOCK).is_file()  # the refused runs left the holder's lock in place
+    first.close()
+    assert PROGRESS in {p.name for p in folder.iterdir()} and not (folder / LOCK).exists()
+    Checkpoint.open(folder, {"run": 1}, resume=True).close()  # free again once the first run ended
+
+
+def test_a_checkpoint_directory_a_run_made_and_saved_nothing_in_is_removed(tmp_path):
+    folder = tmp_path / "new" / "ckpt"
+    Checkpoint.open(folder, {"run": 1}, resume=False).close()
+    assert not folder.exists()
+    kept = tmp_path / "given"
+    kept.mkdir()
+    Checkpoint.open(kept, {"run": 1}, resume=False).close()
+    assert kept.is_dir() and list(kept.iterdir()) == []  # a directory the user made stays, empty
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="holds no mrprune checkpoint"):
+        Checkpoint.open(kept, {"run": 1}, resume=False)
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]  # refused without leaving a lock file

@@ -183,7 +183,7 @@ def test_an_overwrite_interrupted_between_its_renames_keeps_the_old_output(tmp_p
 
         monkeypatch.setattr(export.os, "replace", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            export.write_dir_atomically(out, lambda tmp: (tmp / "weights").write_text("new"))
+            export.write_dir_atomically(out, lambda tmp: (tmp / "weights").write_text("new"), overwrite=True)
         assert (out / "weights").read_text() == "old" and calls[-1][1] == out, when  # the last rename put it back
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], when  # no hidden temporary or aside folder
 
@@ -248,7 +248,7 @@ def test_an_interrupt_during_the_swap_lands_after_it_and_says_the_output_is_comp
 
     monkeypatch.setattr(export.os, "replace", signalled)
     with pytest.raises(KeyboardInterrupt) as exc:
-        export.write_dir_atomically(out, lambda tmp: (tmp / "weights").write_text("new"))
+        export.write_dir_atomically(out, lambda tmp: (tmp / "weights").write_text("new"), overwrite=True)
     assert (out / "weights").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the old copy removed, nothing hidden left
     assert interrupted_message(exc.value)[0] == f"mrprune: interrupted by SIGINT; the output had been written " \
@@ -273,3 +273,29 @@ def test_a_bf16_checkpoint_saved_wider_on_the_cpu_is_said(tiny_dir, tmp_path, ca
               progress=False)
     assert not [r for r in caplog.records if r.name == "mrprune.api"]
     assert json.loads((tmp_path / "kept" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_an_output_another_run_wrote_meanwhile_is_not_replaced_without_overwrite(tmp_path):
+    """Two runs started with the same --output both pass the early check; the one that finishes second must not
+    replace the first one's result (it was not given --overwrite): it keeps its own complete result beside it
+    and says where, in one line."""
+    from mrprune import export
+    from mrprune.errors import OutputError
+
+    out = tmp_path / "out"
+
+    def other_run_finishes_first(tmp):
+        (tmp / "weights").write_text("second")
+        out.mkdir()
+        (out / "weights").write_text("first")
+
+    with pytest.raises(OutputError) as exc:
+        export.write_dir_atomically(out, other_run_finishes_first, overwrite=False)
+    kept = [p for p in tmp_path.iterdir() if p != out]
+    assert len(kept) == 1 and kept[0].name.startswith("out.mrprune-") and (kept[0] / "weights").read_text() == "second"
+    assert str(exc.value) == (f"output {out} was written by another run meanwhile; nothing was replaced, and this "
+                              f"run's complete output is in {kept[0]}")
+    assert (out / "weights").read_text() == "first"
+    # with --overwrite the later run replaces it, as asked
+    export.write_dir_atomically(out, lambda tmp: (tmp / "weights").write_text("third"), overwrite=True)
+    assert (out / "weights").read_text() == "third"

@@ -306,34 +306,38 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
         with timer.phase("load"):
             shaped = skeleton(target.source, target.dtype, r.trust_remote_code)
     checkpoint = None
-    if shaped is not None:
-        checkpoint = _preflight(config, target, shaped, allocator, pattern, metric, needs_calibration, calib_ids,
-                                device)
-
-    # 4. the weights
-    if target.model is None:
-        assert target.source is not None
-        with timer.phase("load"):
-            target.model = load_weights(target.source, target.dtype, r.trust_remote_code, r.allow_pickle)
-    model = target.model
-    adapter = get_adapter(model)
-    with timer.phase("load"):
-        check_weights(model, adapter.blocks_name)
-    if shaped is None:  # no skeleton: the same checks, now on the loaded model
-        checkpoint = _preflight(config, target, model, allocator, pattern, metric, needs_calibration, calib_ids,
-                                device)
-
     try:
-        with evaluating(model):
-            outcome = _prune_loaded(config, target, adapter, metric, allocator, pattern, calib_ids, heldout,
-                                    eval_corpus, zeroshot_tasks, device, timer, progress, checkpoint)
-    except KeyboardInterrupt as exc:
-        if checkpoint is not None and checkpoint.progress is not None:
-            exc.checkpoint_dir = str(checkpoint.directory)  # type: ignore[attr-defined]
-        raise
-    if checkpoint is not None and r.remove_checkpoint:
-        checkpoint.remove()
-    return outcome
+        if shaped is not None:
+            checkpoint = _preflight(config, target, shaped, allocator, pattern, metric, needs_calibration, calib_ids,
+                                    device)
+
+        # 4. the weights
+        if target.model is None:
+            assert target.source is not None
+            with timer.phase("load"):
+                target.model = load_weights(target.source, target.dtype, r.trust_remote_code, r.allow_pickle)
+        model = target.model
+        adapter = get_adapter(model)
+        with timer.phase("load"):
+            check_weights(model, adapter.blocks_name)
+        if shaped is None:  # no skeleton: the same checks, now on the loaded model
+            checkpoint = _preflight(config, target, model, allocator, pattern, metric, needs_calibration, calib_ids,
+                                    device)
+
+        try:
+            with evaluating(model):
+                outcome = _prune_loaded(config, target, adapter, metric, allocator, pattern, calib_ids, heldout,
+                                        eval_corpus, zeroshot_tasks, device, timer, progress, checkpoint)
+        except KeyboardInterrupt as exc:
+            if checkpoint is not None and checkpoint.progress is not None:
+                exc.checkpoint_dir = str(checkpoint.directory)  # type: ignore[attr-defined]
+            raise
+        if checkpoint is not None and r.remove_checkpoint:
+            checkpoint.remove()
+        return outcome
+    finally:
+        if checkpoint is not None:
+            checkpoint.close()  # its lock: another run may use the directory now
 
 
 def _preflight(config: PruneConfig, target: _Target, shaped: torch.nn.Module, allocator, pattern, metric,
@@ -357,20 +361,25 @@ def _preflight(config: PruneConfig, target: _Target, shaped: torch.nn.Module, al
         fp = fingerprint(effective, target.identity, target.model_config, calib_ids, device, target.dtype,
                          adapter.num_blocks)
         checkpoint = Checkpoint.open(r.checkpoint_dir, fp, r.resume)
-        if not checkpoint.resuming:
+    try:
+        if checkpoint is not None and not checkpoint.resuming:
             acts = 0 if calib_ids is None else 2 * calib_ids.numel() * shape.hidden * shape.dtype_size
             checkpoint_bytes = int(linear_bytes * 1.1) + acts
             check_disk(checkpoint.directory, checkpoint_bytes, "the checkpoint",
                        "the pruned decoder weights + 10%, and the activations twice")
-    if r.offload_dir is not None:
-        _check_offload_room(config, r.offload_dir, shape, linear_bytes, checkpoint_bytes)
-    if r.preflight:
-        resident = None
-        if target.model is not None:
-            resident = "device" if next(target.model.parameters()).device.type == "cuda" else "host"
-        mapped = resident is None and maps_in_place(target.source, target.dtype)
-        preflight.preflight(shape, _run_plan(config, device, metric, needs_calibration, calib_ids, resident,
-                                             mapped))
+        if r.offload_dir is not None:
+            _check_offload_room(config, r.offload_dir, shape, linear_bytes, checkpoint_bytes)
+        if r.preflight:
+            resident = None
+            if target.model is not None:
+                resident = "device" if next(target.model.parameters()).device.type == "cuda" else "host"
+            mapped = resident is None and maps_in_place(target.source, target.dtype)
+            preflight.preflight(shape, _run_plan(config, device, metric, needs_calibration, calib_ids, resident,
+                                                 mapped))
+    except BaseException:
+        if checkpoint is not None:
+            checkpoint.close()
+        raise
     return checkpoint
 
 

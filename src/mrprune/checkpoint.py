@@ -5,7 +5,9 @@ A checkpoint directory holds
 * ``block-NNNNN-gG.safetensors``: the pruned linear weights of block N (parameter name -> tensor, as stored)
   as saved for the G-th commit (exact MRP saves a block again at every iteration that changes it);
 * ``activations-NNNNN.safetensors``: the calibration activations entering block N (one tensor, ``hidden``);
-* ``progress.json``: format, fingerprint, stage, next block, layer records and allocator state.
+* ``progress.json``: format, fingerprint, stage, next block, layer records and allocator state;
+* ``.lock``: locked (flock) by the run using the directory while it runs, so a second run started on the
+  same directory is refused instead of mixing its blocks with the first one's.
 
 Every file is written to a temporary name and renamed into place (``os.replace``), and ``progress.json`` last:
 it names the files that belong to it, and a file is never overwritten while a committed progress.json names it
@@ -18,6 +20,7 @@ type and dtype). Resuming with a different one is a one-line error saying which 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -31,13 +34,16 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from . import locking
+from .errors import CheckpointError, reason
 from .models.adapter import ModelAdapter
 
 log = logging.getLogger(__name__)
 
 FORMAT = 2  # 2: block files named per commit (block_files in progress.json)
 PROGRESS = "progress.json"
+#: held (flock) by the run using the directory, so a second run started on it is refused
+LOCK = ".lock"
 _TMP_PREFIX = ".tmp-"
 
 #: config keys (dotted prefixes) that do not change the pruned weights: left out of the fingerprint
@@ -191,6 +197,8 @@ class Checkpoint:
         self._resumed = progress is not None
         self.generation = int(progress.get("generation", 0)) if progress else 0  # commits made so far
         self._pending: dict[int, str] = {}  # blocks saved since the last commit -> their files
+        self._lock: int | None = None  # the descriptor holding LOCK while this run uses the directory
+        self._made_directory = False  # open() created it: close() removes it again if nothing was saved
 
     # -------------------------------------------------------------------------------------------- opening
     @classmethod
@@ -201,7 +209,37 @@ class Checkpoint:
         if path.exists() and not path.is_dir():
             raise CheckpointError(f"checkpoint dir {path} exists and is not a directory")
         progress_file = path / PROGRESS
-        entries = list(path.iterdir()) if path.is_dir() else []
+        if resume and not progress_file.is_file():
+            raise CheckpointError(f"--resume: {path} holds no checkpoint ({PROGRESS} is missing); "
+                                  "run without --resume to start one there")
+        _check_writable(path)
+        made = not path.exists()
+        lock_existed = (path / LOCK).exists()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            lock = locking.try_lock(path / LOCK)
+        except OSError as exc:
+            raise CheckpointError(f"cannot write the checkpoint to {path}: {reason(exc)}") from None
+        if lock is None:
+            raise CheckpointError(f"checkpoint dir {path} is in use by another mrprune run; wait for it to end, "
+                                  "or choose another --checkpoint-dir")
+        try:
+            checkpoint = cls._open_locked(path, fingerprint, resume)
+        except BaseException:  # refused: leave the directory as it was found
+            if not lock_existed:
+                (path / LOCK).unlink(missing_ok=True)
+            locking.release(lock)
+            if made:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            raise
+        checkpoint._lock, checkpoint._made_directory = lock, made
+        return checkpoint
+
+    @classmethod
+    def _open_locked(cls, path: Path, fingerprint: dict[str, Any], resume: bool) -> Checkpoint:
+        progress_file = path / PROGRESS
+        entries = [p for p in path.iterdir() if p.name != LOCK]
         if not resume:
             if progress_file.is_file():
                 raise CheckpointError(
@@ -212,13 +250,9 @@ class Checkpoint:
             if foreign:
                 raise CheckpointError(f"checkpoint dir {path} is not empty and holds no mrprune checkpoint "
                                       f"(e.g. {foreign[0].name}); choose an empty or new --checkpoint-dir")
-            _check_writable(path)
             for leftover in entries:  # files of a run stopped before its first progress.json: nothing to resume
                 leftover.unlink(missing_ok=True)
             return cls(path, fingerprint, None)
-        if not progress_file.is_file():
-            raise CheckpointError(f"--resume: {path} holds no checkpoint ({PROGRESS} is missing); "
-                                  "run without --resume to start one there")
         try:
             progress = json.loads(progress_file.read_text(encoding="utf-8"))
             saved = progress["fingerprint"]
@@ -232,7 +266,6 @@ class Checkpoint:
                 f"checkpoint in {path} was made by a different run: {differs}; resume with the original options, "
                 "or start afresh in an empty --checkpoint-dir"
             )
-        _check_writable(path)
         for stale in path.glob(_TMP_PREFIX + "*"):  # half-written files of the interrupted run
             stale.unlink(missing_ok=True)
         checkpoint = cls(path, fingerprint, progress)
@@ -393,10 +426,27 @@ class Checkpoint:
         for path in self.directory.iterdir():
             if path.name == PROGRESS or _ours(path):
                 path.unlink(missing_ok=True)
-        try:
+        self._release()
+        with contextlib.suppress(OSError):
             self.directory.rmdir()
-        except OSError:
-            pass
+
+    def close(self) -> None:
+        """The run is done with the directory: let another run use it. A directory this run created and saved
+        nothing in goes again."""
+        if self._lock is None:
+            return
+        self._release()
+        if self._made_directory:
+            with contextlib.suppress(OSError):
+                self.directory.rmdir()  # only if empty
+
+    def _release(self) -> None:
+        """Remove the lock file while still holding it, then drop the lock (``locking.try_lock`` tells a lock
+        taken on the removed file from the one at the path)."""
+        if self._lock is not None:
+            (self.directory / LOCK).unlink(missing_ok=True)
+            locking.release(self._lock)
+            self._lock = None
 
 
 def _ours(path: Path) -> bool:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import locking
 from .card import model_card
 from .errors import OutputError, ResourceError, reason
 from .models.loading import strip_gguf_quantizer
@@ -151,23 +152,33 @@ def publish_mode(path: Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
-def write_dir_atomically(out: Path, fill: Callable[[Path], None]) -> Path:
+def write_dir_atomically(out: Path, fill: Callable[[Path], None], *, overwrite: bool) -> Path:
     """``fill`` a hidden temporary sibling of ``out``, then rename it into place (replacing an old ``out``
     only once the new one is complete): a crash leaves either the old directory or the new one, never half.
     An interrupt that comes while the renames run is held until they are done; it then carries
-    ``output_written`` so the interruption message can say the output is complete."""
+    ``output_written`` so the interruption message can say the output is complete.
+
+    The swap holds a lock on the parent directory, so runs started side by side with the same output swap one
+    after the other; without ``overwrite``, one that finds ``out`` filled meanwhile by another run replaces
+    nothing and keeps its complete result in a sibling, named in the one-line error."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         publish_mode(tmp, directory=True)
         fill(tmp)
-        try:
-            with deferred_signals():
-                _swap_in(tmp, out)
-        except KeyboardInterrupt as exc:
-            if not tmp.exists():  # the new directory is in place
-                exc.output_written = str(out)  # type: ignore[attr-defined]
-            raise
+        with locking.held(out.parent, directory=True):
+            if not overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
+                kept = Path(tempfile.mkdtemp(prefix=f"{out.name}.mrprune-", dir=out.parent))
+                os.replace(tmp, kept)
+                raise OutputError(f"output {out} was written by another run meanwhile; nothing was replaced, and "
+                                  f"this run's complete output is in {kept}")
+            try:
+                with deferred_signals():
+                    _swap_in(tmp, out)
+            except KeyboardInterrupt as exc:
+                if not tmp.exists():  # the new directory is in place
+                    exc.output_written = str(out)  # type: ignore[attr-defined]
+                raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -243,4 +254,4 @@ def export_model(model, tokenizer, output: str | Path, report: dict[str, Any], o
         write_json(tmp / REPORT_NAME, report)
         (tmp / CARD_NAME).write_text(model_card(report, base_model), encoding="utf-8")
 
-    return write_dir_atomically(out, fill)
+    return write_dir_atomically(out, fill, overwrite=overwrite)

@@ -44,7 +44,7 @@ def test_a_conversion_whose_tokenizer_breaks_caches_nothing(tokenizer, tmp_path,
     gguf = loading.embedded_default_gguf()
     with pytest.raises(ModelLoadError, match="encodes text differently"):
         loading.convert_gguf(gguf)
-    assert not any((tmp_path / "gguf").iterdir())
+    assert [p.name for p in (tmp_path / "gguf").iterdir() if not p.name.endswith(".lock")] == []
 
 
 @pytest.mark.slow
@@ -64,5 +64,34 @@ def test_runs_converting_the_same_gguf_side_by_side_share_the_first_copy(tmp_pat
 
     monkeypatch.setattr(loading, "check_saved_tokenizer", other_process_finishes_first)
     assert loading.convert_gguf(gguf) == target
-    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # our temporary copy removed
+    assert sorted(p.name for p in target.parent.iterdir() if p.is_dir()) == [target.name]  # our copy removed
     assert (target / "config.json").is_file() and any(target.glob("*.safetensors"))
+
+
+def test_a_run_waiting_for_another_runs_conversion_uses_its_copy(tmp_path, monkeypatch):
+    """Runs started together convert a GGUF once: the others wait for the conversion's lock, then find the
+    cache filled and load nothing from the GGUF."""
+    import subprocess
+    import sys
+    import time
+
+    from mrprune import locking
+
+    monkeypatch.setenv("MRPRUNE_CACHE_DIR", str(tmp_path))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")  # never read: the cache is filled before the lock is released
+    target = loading.gguf_cache_dir(gguf)
+    target.parent.mkdir(parents=True)
+    lock = target.parent / f".{target.name}.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, "
+        "fcntl.LOCK_EX); print('held', flush=True); time.sleep(1.0); os.makedirs(sys.argv[2]); "
+        "open(os.path.join(sys.argv[2], 'config.json'), 'w').write('{}')"), str(lock), str(target)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    started = time.monotonic()
+    assert loading.convert_gguf(gguf) == target  # would fail reading the fake GGUF had it not waited
+    assert time.monotonic() - started > 0.5 and holder.wait(10) == 0
+    fd = locking.try_lock(lock)
+    assert fd is not None  # released
+    locking.release(fd)

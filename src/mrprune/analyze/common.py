@@ -222,7 +222,7 @@ def write_dir(out: Path, writers: dict[str, Callable[[Path], None]], overwrite: 
         for name, write in writers.items():
             write(tmp / name)
 
-    return write_dir_atomically(out, fill)
+    return write_dir_atomically(out, fill, overwrite=overwrite)
 
 
 def prepare_files(paths: Sequence[Path], overwrite: bool, protect: Sequence[Path] = ()) -> None:

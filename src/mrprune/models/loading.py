@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from .. import locking
 from ..errors import ModelLoadError
 from ..hub import hub_reachable
 
@@ -133,6 +134,15 @@ def convert_gguf(gguf: Path) -> Path:
     target = gguf_cache_dir(gguf)
     if (target / "config.json").is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with locking.held(target.parent / f".{target.name}.lock"):  # runs started together convert it once
+        if (target / "config.json").is_file():
+            log.info("%s was converted by another run meanwhile", gguf.name)
+            return target
+        return _convert_gguf(gguf, target)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors (once; cached in %s)", gguf.name, target)
@@ -142,7 +152,6 @@ def convert_gguf(gguf: Path) -> Path:
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot read GGUF file {gguf}: {_first_line(exc)}") from None
     strip_gguf_quantizer(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(tmp)
@@ -153,7 +162,7 @@ def convert_gguf(gguf: Path) -> Path:
         except OSError:
             if not (target / "config.json").is_file():
                 raise
-            # another process converted the same file meanwhile (runs started side by side): keep its copy
+            # another process converted the same file meanwhile (no flock here): keep its copy
             log.info("%s was converted by another process meanwhile; using its copy", gguf.name)
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:

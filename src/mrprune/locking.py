@@ -44,10 +44,12 @@ def release(fd: int) -> None:
 def held(path: Path, directory: bool = False) -> Iterator[None]:
     """An exclusive lock on ``path`` while the block runs, waiting for it if another process holds it.
     ``directory``: lock the existing directory ``path`` itself (nothing is created in it)."""
+    if fcntl is None:  # nothing to lock with (and Windows cannot open a directory)
+        yield
+        return
     fd = os.open(path, os.O_RDONLY) if directory else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

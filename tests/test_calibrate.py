@@ -125,6 +125,23 @@ def test_a_forward_that_is_not_a_chain_of_blocks_is_refused(tokenizer, parent, m
     assert all(float((p == 0).float().mean()) < 0.1 for p in model.parameters())  # nothing was pruned
 
 
+@pytest.mark.parametrize("parent", [LoopedLlamaModel, RescalingLlamaModel, IndexingLlamaModel])
+def test_perplexity_of_any_forward_with_the_head_on_slices(tokenizer, parent):
+    """The head on slices of positions bypasses the blocks; a forward that is not a chain of blocks still gets its
+    own numbers (all logits at once), one whose parent indexes the blocks' outputs the same as all at once."""
+    model = tiny_model("llama")
+    if parent is IndexingLlamaModel:
+        model = tuple_twin(model)
+    else:
+        model.model.__class__ = parent
+    windows, _ = eval_windows(tokenizer, embedded_text("evaluation"), 32, 2, "never")
+    device = torch.device("cpu")
+    whole = [window_nll(model, w, device) for w in windows]
+    sliced = [window_nll(model, w, device, logit_bytes=5 * VOCAB * 4) for w in windows]
+    assert sliced == (pytest.approx(whole, rel=1e-5) if parent is IndexingLlamaModel else whole)
+    assert all("forward" not in vars(block) for block in model.model.layers)
+
+
 @pytest.mark.parametrize("family", ["bloom", "xglm"])
 def test_models_whose_context_depends_on_the_micro_batch_prune_and_evaluate(family, tokenizer):
     """BLOOM's ALiBi folds the batch into its first dimension; XGLM's attention checks its mask's batch size."""

@@ -7,7 +7,7 @@ import transformers
 from mrprune.data import Corpus, embedded_text
 from mrprune.evaluate.perplexity import block_major_nlls, eval_windows, perplexity, tokenizer_adds_bos, window_nll
 from mrprune.models.adapter import get_adapter
-from tests.conftest import FAMILIES, family_config, tiny_model
+from tests.conftest import FAMILIES, VOCAB, family_config, tiny_model
 
 
 def test_windows_are_non_overlapping_and_bos_is_optional(tokenizer):
@@ -69,6 +69,36 @@ def test_block_by_block_order_gives_the_window_by_window_numbers(tokenizer, fami
         assert block_major_nlls(model, windows, device, progress=False) != expected
     # the model is left runnable as it was: no block keeps a replaced forward
     assert all("forward" not in vars(block) for block in get_adapter(model).blocks)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_in_slices_of_positions_give_the_whole_windows_numbers(tokenizer, family, one_thread):
+    """A window whose logits would pass the budget has its head run on slices of positions: the same NLL as
+    all logits at once, for every family (Gemma's logit soft-capping is the model's own code here too), with
+    no slice holding more positions than the budget allows, in the resident and the block-by-block order."""
+    config = family_config(family)
+    if family == "gemma3":
+        config.final_logit_softcapping = 3.0
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    windows, _ = eval_windows(tokenizer, embedded_text("evaluation"), 40, 3, "always")
+    device = torch.device("cpu")
+    whole = [window_nll(model, w, device) for w in windows]
+    budget = 7 * VOCAB * 4  # seven positions' float32 logits: slices of 7, 7, ..., 4 over 39 predictions
+    seen: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
+    try:
+        sliced = [window_nll(model, w, device, logit_bytes=budget) for w in windows]
+    finally:
+        hook.remove()
+    # per window: the forward that yields the last block's output (one position), then the slices
+    assert seen == [1, 7, 7, 7, 7, 7, 4] * 3
+    assert sliced == pytest.approx(whole, rel=1e-5)
+    assert block_major_nlls(model, windows, device, progress=False, logit_bytes=budget) == sliced
+    assert all("forward" not in vars(block) for block in get_adapter(model).blocks)
+    if family == "gemma3":  # the head's post-processing is applied to each slice
+        model.config.final_logit_softcapping = None
+        assert [window_nll(model, w, device, logit_bytes=budget) for w in windows] != pytest.approx(whole, rel=1e-5)
 
 
 def test_offloaded_evaluation_through_the_api_gives_the_resident_number(tokenizer, one_thread, monkeypatch):

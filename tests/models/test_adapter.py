@@ -30,6 +30,10 @@ def test_adapter_finds_blocks_and_linear_layers(family):
     assert sum(adapter.block_sizes()) == sum(ref.numel for ref in adapter.all_linear_layers())
     # the LM head and embeddings are never decoder linear layers
     assert not any("lm_head" in ref.name or "embed" in ref.name for ref in adapter.all_linear_layers())
+    # the base model runs the blocks without the head (Llama-4's transformers prefix names no attribute)
+    base_modules = list(adapter.base_model.modules())
+    assert any(module is adapter.blocks for module in base_modules)
+    assert not any(module is model.get_output_embeddings() for module in base_modules)
 
 
 def test_gpt2_conv1d_is_seen_transposed_and_writes_through():

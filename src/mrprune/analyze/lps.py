@@ -33,7 +33,7 @@ from ..calibrate import StatsCollector, capture_block_inputs, record_block_calls
 from ..config import PruneConfig
 from ..errors import ConfigError
 from ..evaluate import blockwise
-from ..evaluate.perplexity import nll_of
+from ..evaluate.perplexity import head_nll
 from ..export import input_paths
 from ..metrics import METRICS, build_metric
 from ..metrics.base import LayerStats
@@ -262,8 +262,7 @@ class TailPerplexity:
         hidden = self.states.clone()
         for later in range(index, self.job.adapter.num_blocks):
             self._run(later, hidden)
-        nlls = [nll_of(blockwise.head_logits(self.job.model, window[None], hidden[row : row + 1]),
-                       window[None].to(self.job.device))
+        nlls = [head_nll(self.job.model, window[None], hidden[row : row + 1])
                 for row, window in enumerate(self.windows)]
         return math.exp(sum(nlls) / len(nlls))
 

@@ -90,8 +90,29 @@ def last_block_answers(adapter: ModelAdapter, final: torch.Tensor):
 
 
 @torch.inference_mode()
-def head_logits(model: nn.Module, ids: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
-    """The logits ``model(ids)`` gives, from the last block's output ``final`` for ``ids``."""
+def head_logits(model: nn.Module, ids: torch.Tensor, final: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The logits ``model(ids, **kwargs)`` gives, from the last block's output ``final`` for ``ids``."""
     adapter = get_adapter(model)
     with last_block_answers(adapter, final):
-        return model(input_ids=ids.to(adapter.input_device()), use_cache=False).logits
+        return model(input_ids=ids.to(adapter.input_device()), use_cache=False, **kwargs).logits
+
+
+def last_block_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The last block's output for ``ids``, from the model's own forward (asked for the last position's logits
+    only; as a list of positions, since an integer lets some models drop the other positions early: Gemma-4).
+    Records the block calls first, as :func:`run_blocks` does, so that :func:`head_logits` knows how a bypassed
+    block must answer."""
+    adapter = get_adapter(model)
+    record_block_calls(adapter, ids)
+    seen: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        seen.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = adapter.blocks[len(adapter.blocks) - 1].register_forward_hook(keep)
+    try:
+        model(input_ids=ids.to(adapter.input_device()), use_cache=False,
+              logits_to_keep=torch.tensor([ids.shape[1] - 1]))
+    finally:
+        handle.remove()
+    return seen[-1]

@@ -6,10 +6,15 @@ the start of every window (``bos='auto'``), so each window is ``seqlen`` tokens 
 
 With offloaded blocks the windows run block by block (:mod:`.blockwise`): each block is copied to the
 device once per chunk of windows instead of once per window, with the same numbers.
+
+A window's logits (seqlen x vocabulary, in float32 for the loss, and as much again for its log-softmax) take
+4 GiB for Gemma's 262k vocabulary at 2048 tokens, more than a small model's weights: where they would pass
+``LOGIT_BYTES``, the head runs on slices of positions instead (the model's own head, with its blocks bypassed).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass
 
@@ -18,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import Corpus
-from ..errors import DataError
+from ..errors import DataError, UnsupportedModelError
 from ..models.adapter import check_context, get_adapter
 from . import blockwise
 
@@ -99,10 +104,21 @@ def with_bos(windows: torch.Tensor, tokenizer, bos: str, model_type: str | None 
     return torch.cat([starts, windows[:, :-1]], dim=1), True
 
 
+#: float32 logits of one window beyond which the head runs on slices of positions
+LOGIT_BYTES = 512 << 20
+
+
 @torch.inference_mode()
-def window_nll(model, window: torch.Tensor, device: torch.device) -> float:
+def window_nll(model, window: torch.Tensor, device: torch.device, logit_bytes: int = LOGIT_BYTES) -> float:
     """Mean next-token negative log-likelihood of one window."""
     ids = window[None].to(device)
+    if head_slice(model, ids.shape[1], logit_bytes) is not None:
+        try:
+            final = blockwise.last_block_output(model, ids)
+        except UnsupportedModelError:  # a forward whose blocks cannot be bypassed: all logits at once
+            final = None
+        if final is not None:
+            return head_nll(model, ids, final, logit_bytes)
     return nll_of(model(input_ids=ids, use_cache=False).logits, ids)
 
 
@@ -111,8 +127,38 @@ def nll_of(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="mean"))
 
 
+def head_slice(model, length: int, logit_bytes: int) -> int | None:
+    """Positions per head call when a window's float32 logits would pass ``logit_bytes`` and the model can
+    compute the logits of chosen positions only (``logits_to_keep``); None: all at once."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is None or length * weight.shape[0] * 4 <= logit_bytes:
+        return None
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return None
+    return max(1, logit_bytes // (weight.shape[0] * 4))
+
+
+@torch.inference_mode()
+def head_nll(model, ids: torch.Tensor, final: torch.Tensor, logit_bytes: int = LOGIT_BYTES) -> float:
+    """:func:`nll_of` the logits the model gives for ``ids`` from its last block's output ``final``, with the
+    head run on slices of positions where all of them at once would pass ``logit_bytes``."""
+    length = ids.shape[1]
+    step = head_slice(model, length, logit_bytes)
+    if step is None:
+        logits = blockwise.head_logits(model, ids, final)
+        return nll_of(logits, ids.to(logits.device))
+    total = 0.0
+    for start in range(0, length - 1, step):
+        positions = torch.arange(start, min(start + step, length - 1))
+        logits = blockwise.head_logits(model, ids, final, logits_to_keep=positions)
+        targets = ids[0, positions + 1].to(logits.device)
+        total += float(F.cross_entropy(logits[0].float(), targets, reduction="sum"))
+    return total / (length - 1)
+
+
 def block_major_nlls(model, windows: torch.Tensor, device: torch.device, progress: bool = True,
-                     budget: int | None = None) -> list[float]:
+                     budget: int | None = None, logit_bytes: int = LOGIT_BYTES) -> list[float]:
     """:func:`window_nll` of every window, computed block by block (:mod:`.blockwise`): each block moves to
     ``device`` once per chunk of windows whose hidden states fit in ``budget`` bytes."""
     chunk = max(1, (budget or blockwise.CHUNK_BYTES) // blockwise.hidden_bytes(model, windows.shape[1]))
@@ -122,8 +168,7 @@ def block_major_nlls(model, windows: torch.Tensor, device: torch.device, progres
         for start in range(0, windows.shape[0], chunk):
             inputs = [window[None] for window in windows[start : start + chunk]]  # each window its own forward
             finals = blockwise.run_blocks(model, inputs, device, bar)
-            nlls += [nll_of(blockwise.head_logits(model, ids, final), ids.to(device))
-                     for ids, final in zip(inputs, finals)]
+            nlls += [head_nll(model, ids, final, logit_bytes) for ids, final in zip(inputs, finals)]
             bar.update()
     return nlls
 

@@ -211,8 +211,13 @@ class ModelAdapter:
 
     @property
     def base_model(self) -> nn.Module:
-        """The module whose forward runs embeddings, blocks and final norm, without the LM head."""
-        return cast("PreTrainedModel", self.model).base_model
+        """The module whose forward runs embeddings, blocks and final norm, without the LM head: transformers'
+        ``base_model``, or where that is the whole model (its prefix names no attribute: Llama-4's text model),
+        the model's child that holds the blocks."""
+        base = cast("PreTrainedModel", self.model).base_model
+        if base is self.model and "." in self.blocks_name:
+            return self.model.get_submodule(self.blocks_name.split(".")[0])
+        return base
 
     def linear_layers(self, index: int) -> list[LinearRef]:
         """The prunable layers of block ``index`` in module order: its linear modules, except the routers of

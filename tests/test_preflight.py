@@ -1,6 +1,7 @@
 """Memory preflight: the estimate is the right order of magnitude, and a run that cannot fit is refused in one
 line naming the numbers and the options that fix it (before the weights load)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -113,6 +114,14 @@ def test_offloaded_evaluation_counts_the_chunk_of_windows_that_goes_through_the_
     zeroshot = pf.estimate(shape, pf.RunPlan(device=cuda, nsamples=128, seqlen=2048, batch_size=8, calibrate=False,
                                              offload=True, zeroshot=True)).pools["device"]
     assert zeroshot["zero-shot requests"] == pf.CHUNK_BYTES
+
+
+def test_evaluation_counts_a_windows_logits_up_to_the_slice_the_head_runs_on():
+    cuda = torch.device("cuda")
+    plan = pf.RunPlan(device=cuda, nsamples=128, seqlen=2048, batch_size=8, calibrate=False, eval_seqlen=2048)
+    small, large = shape_of(), dataclasses.replace(shape_of(), vocab=262_144)
+    window = pf.estimate(small, plan).pools["device"]["evaluation"]
+    assert pf.estimate(large, plan).pools["device"]["evaluation"] - window == 2 * (pf.LOGIT_BYTES - 2048 * 384 * 4)
 
 
 MEASURE = textwrap.dedent("""

@@ -19,7 +19,7 @@ from mrprune.config import merge
 from mrprune.errors import ResourceError
 from mrprune.metrics import build_metric
 from mrprune.models import get_adapter
-from tests.conftest import tiny_model
+from tests.conftest import VOCAB, tiny_model
 
 GIB = 2**30
 
@@ -121,7 +121,7 @@ def test_evaluation_counts_a_windows_logits_up_to_the_slice_the_head_runs_on():
     plan = pf.RunPlan(device=cuda, nsamples=128, seqlen=2048, batch_size=8, calibrate=False, eval_seqlen=2048)
     small, large = shape_of(), dataclasses.replace(shape_of(), vocab=262_144)
     window = pf.estimate(small, plan).pools["device"]["evaluation"]
-    assert pf.estimate(large, plan).pools["device"]["evaluation"] - window == 2 * (pf.LOGIT_BYTES - 2048 * 384 * 4)
+    assert pf.estimate(large, plan).pools["device"]["evaluation"] - window == 2 * (pf.LOGIT_BYTES - 2048 * VOCAB * 4)
 
 
 MEASURE = textwrap.dedent("""

@@ -121,7 +121,10 @@ def test_evaluation_counts_a_windows_logits_up_to_the_slice_the_head_runs_on():
     plan = pf.RunPlan(device=cuda, nsamples=128, seqlen=2048, batch_size=8, calibrate=False, eval_seqlen=2048)
     small, large = shape_of(), dataclasses.replace(shape_of(), vocab=262_144)
     window = pf.estimate(small, plan).pools["device"]["evaluation"]
-    assert pf.estimate(large, plan).pools["device"]["evaluation"] - window == 2 * (pf.LOGIT_BYTES - 2048 * VOCAB * 4)
+    assert pf.estimate(large, plan).pools["device"]["evaluation"] - window == 2 * (pf.logit_budget() - 2048 * VOCAB * 4)
+    half = dataclasses.replace(large, dtype_size=2)  # bfloat16 logits come first, then their float32 copy
+    assert (pf.estimate(half, plan).pools["device"]["evaluation"] - pf.estimate(large, plan).pools["device"]["evaluation"]
+            == pf.logit_budget() // 2 + pf.forward_bytes(half, plan, 1, 2048) - pf.forward_bytes(large, plan, 1, 2048))
 
 
 MEASURE = textwrap.dedent("""

@@ -10,7 +10,8 @@ windows by a pre-hook that stops the forward there.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -95,6 +96,23 @@ def pass_through_as_tuple(*args, **kwargs) -> tuple[torch.Tensor]:
 _TUPLE_OUTPUTS = "_mrprune_blocks_return_tuples"
 
 
+@contextlib.contextmanager
+def forwards_replaced(blocks: nn.ModuleList, forward_of: Callable[[int], Callable]):
+    """While active, block i runs ``forward_of(i)``; afterwards each block gets back the forward it had of its own
+    (accelerate's device hooks set one on the instance), or its class's."""
+    own = [vars(block).get("forward") for block in blocks]
+    for index, block in enumerate(blocks):
+        block.forward = forward_of(index)
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, own):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+
+
 def blocks_return_tuples(adapter: ModelAdapter) -> bool:
     """Whether a bypassed block must answer with a tuple; known once ``record_block_calls`` has run."""
     return getattr(adapter.blocks, _TUPLE_OUTPUTS, False)
@@ -163,10 +181,9 @@ def _record_block_calls(adapter: ModelAdapter, window: torch.Tensor, as_tuple: b
 
     handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(adapter.blocks)]
     handles += [block.register_forward_hook(answered) for block in adapter.blocks]
-    for block in adapter.blocks:
-        block.forward = pass_through_as_tuple if as_tuple else pass_through
+    bypass = pass_through_as_tuple if as_tuple else pass_through
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), forwards_replaced(adapter.blocks, lambda index: bypass):
             adapter.base_model(input_ids=window.to(adapter.input_device()), use_cache=False)
     except _RecordingDone:
         pass
@@ -176,8 +193,6 @@ def _record_block_calls(adapter: ModelAdapter, window: torch.Tensor, as_tuple: b
             f"{model}'s forward fails with its blocks bypassed ({reason}): mrprune prunes models whose blocks pass "
             f"one tensor of hidden states from each to the next") from None
     finally:
-        for block in adapter.blocks:
-            del block.forward
         for handle in handles:
             handle.remove()
     if len(calls) < adapter.num_blocks and not indexed:

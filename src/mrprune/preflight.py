@@ -44,7 +44,7 @@ from torch import nn
 
 from .errors import ResourceError
 from .evaluate.blockwise import CHUNK_BYTES
-from .evaluate.perplexity import LOGIT_BYTES
+from .evaluate.perplexity import logit_budget
 from .models.adapter import ExpertRef, ModelAdapter
 
 if TYPE_CHECKING:
@@ -276,8 +276,10 @@ def estimate(shape: ModelShape, plan: RunPlan, free: dict[str, int | None] | Non
     else:
         phases["pruning"] = {compute: {"block forward": pruning_bytes(shape, plan)}}
     if plan.eval_seqlen:
-        # a window's float32 logits and their log-softmax; beyond LOGIT_BYTES the head runs on slices of positions
-        logits = 2 * min(plan.eval_seqlen * shape.vocab * 4, LOGIT_BYTES)
+        # a window's logits in the model's dtype, in float32 and their log-softmax; beyond LOGIT_BYTES the head runs
+        # on slices of positions
+        sliced = min(plan.eval_seqlen * shape.vocab * 4, logit_budget())
+        logits = 2 * sliced + (sliced * shape.dtype_size // 4 if shape.dtype_size < 4 else 0)
         phases["evaluation"] = {compute: {"evaluation": forward_bytes(shape, plan, 1, plan.eval_seqlen) + logits}}
         if plan.offload:  # offloaded: a chunk of windows goes through the blocks together
             window = plan.eval_seqlen * shape.hidden * shape.dtype_size

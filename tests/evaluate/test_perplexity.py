@@ -1,3 +1,5 @@
+import functools
+import importlib
 import math
 
 import pytest
@@ -99,6 +101,50 @@ def test_logits_in_slices_of_positions_give_the_whole_windows_numbers(tokenizer,
     if family == "gemma3":  # the head's post-processing is applied to each slice
         model.config.final_logit_softcapping = None
         assert [window_nll(model, w, device, logit_bytes=budget) for w in windows] != pytest.approx(whole, rel=1e-5)
+
+
+def test_logits_in_slices_keep_what_the_model_and_its_user_set_up(tokenizer, one_thread, monkeypatch):
+    """Slices leave a model as they found it and compute its own numbers: a mixture of experts that returns its
+    routers' balancing loss, a forward a block has of its own (accelerate's device hooks set one), a forward hook
+    on the last block (applied once, not again to the output it already made); the budget is read at call time;
+    custom model code and one-token windows get all logits at once."""
+    module = importlib.import_module("mrprune.evaluate.perplexity")  # the package exports a function of that name
+
+    config = family_config("mixtral")
+    config.output_router_logits = True
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    blocks = get_adapter(model).blocks
+    own = [functools.partial(type(block).forward, block) for block in blocks]
+    for block, forward in zip(blocks, own):
+        block.forward = forward
+    shift = blocks[2].register_forward_hook(lambda m, args, out: out + 0.25)
+    windows, _ = eval_windows(tokenizer, embedded_text("evaluation"), 40, 2, "never")
+    device = torch.device("cpu")
+    whole = [window_nll(model, w, device) for w in windows]
+    hooks = list(blocks[2]._forward_hooks)  # ours, and the one transformers puts at the first forward (routers)
+    budget = 9 * VOCAB * 4
+    sliced = [window_nll(model, w, device, logit_bytes=budget) for w in windows]
+    assert sliced == pytest.approx(whole, rel=1e-5)
+    assert block_major_nlls(model, windows, device, progress=False, logit_bytes=budget) == sliced
+    assert all(vars(block)["forward"] is forward for block, forward in zip(blocks, own))
+    assert list(blocks[2]._forward_hooks) == hooks
+    shift.remove()
+    assert [window_nll(model, w, device, logit_bytes=budget) for w in windows] != pytest.approx(whole, rel=1e-5)
+
+    calls: list[int] = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: calls.append(out.shape[1]))
+    monkeypatch.setattr(module, "LOGIT_BYTES", budget)
+    window_nll(model, windows[0], device)
+    assert calls == [1, 9, 9, 9, 9, 3]  # the budget given to the module is the one used
+    assert module.head_slice(model, 1, 1) is None  # one token: nothing to predict, nothing to slice
+
+    class CustomCode(transformers.LlamaForCausalLM):  # a class of custom code may take only a count of positions
+        pass
+
+    custom = CustomCode(family_config("llama")).eval()
+    assert module.head_slice(custom, 40, budget) is None
+    assert module.head_slice(transformers.LlamaForCausalLM(family_config("llama")), 40, budget) == 9
 
 
 def test_offloaded_evaluation_through_the_api_gives_the_resident_number(tokenizer, one_thread, monkeypatch):

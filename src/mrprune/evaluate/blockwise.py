@@ -12,6 +12,7 @@ those of the per-input order.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from ..calibrate import (
     blocks_return_tuples,
     capture_block_inputs,
+    forwards_replaced,
     pass_through,
     pass_through_as_tuple,
     record_block_calls,
@@ -75,24 +77,27 @@ def run_blocks(model: nn.Module, inputs: list[torch.Tensor], device: torch.devic
 
 @contextlib.contextmanager
 def last_block_answers(adapter: ModelAdapter, final: torch.Tensor):
-    """While active, the model's forward skips its blocks and takes ``final`` as the last block's output."""
+    """While active, the model's forward skips its blocks and takes ``final`` as the last block's output (which
+    went through the last block's forward hooks already: they are held back meanwhile, not applied twice)."""
     blocks = adapter.blocks
-    as_tuple = blocks_return_tuples(adapter)
-    for block in blocks:
-        block.forward = pass_through_as_tuple if as_tuple else pass_through
-    answer = (final,) if as_tuple else final
-    blocks[len(blocks) - 1].forward = lambda *args, **kwargs: answer
+    last = len(blocks) - 1
+    bypass = pass_through_as_tuple if blocks_return_tuples(adapter) else pass_through
+    answer = (final,) if bypass is pass_through_as_tuple else final
+    hooks = blocks[last]._forward_hooks
+    blocks[last]._forward_hooks = type(hooks)()
     try:
-        yield
+        with forwards_replaced(blocks, lambda index: (lambda *args, **kwargs: answer) if index == last else bypass):
+            yield
     finally:
-        for block in blocks:
-            del block.forward
+        blocks[last]._forward_hooks = hooks
 
 
 @torch.inference_mode()
 def head_logits(model: nn.Module, ids: torch.Tensor, final: torch.Tensor, **kwargs) -> torch.Tensor:
     """The logits ``model(ids, **kwargs)`` gives, from the last block's output ``final`` for ``ids``."""
     adapter = get_adapter(model)
+    if "output_router_logits" in inspect.signature(model.forward).parameters:
+        kwargs.setdefault("output_router_logits", False)  # the bypassed blocks route nothing to balance
     with last_block_answers(adapter, final):
         return model(input_ids=ids.to(adapter.input_device()), use_cache=False, **kwargs).logits
 

@@ -108,8 +108,13 @@ def with_bos(windows: torch.Tensor, tokenizer, bos: str, model_type: str | None 
 LOGIT_BYTES = 512 << 20
 
 
+def logit_budget() -> int:
+    """``LOGIT_BYTES`` as it is now (read at call time, so that a caller may change it)."""
+    return LOGIT_BYTES
+
+
 @torch.inference_mode()
-def window_nll(model, window: torch.Tensor, device: torch.device, logit_bytes: int = LOGIT_BYTES) -> float:
+def window_nll(model, window: torch.Tensor, device: torch.device, logit_bytes: int | None = None) -> float:
     """Mean next-token negative log-likelihood of one window."""
     ids = window[None].to(device)
     if head_slice(model, ids.shape[1], logit_bytes) is not None:
@@ -127,20 +132,24 @@ def nll_of(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="mean"))
 
 
-def head_slice(model, length: int, logit_bytes: int) -> int | None:
-    """Positions per head call when a window's float32 logits would pass ``logit_bytes`` and the model can
-    compute the logits of chosen positions only (``logits_to_keep``); None: all at once."""
+def head_slice(model, length: int, logit_bytes: int | None = None) -> int | None:
+    """Positions per head call when a window's float32 logits would pass ``logit_bytes`` (default
+    ``LOGIT_BYTES``) and the model can compute the logits of chosen positions only: a transformers class with
+    ``logits_to_keep``, which takes a list of positions (custom code may take only a count). None: all at once."""
+    budget = logit_budget() if logit_bytes is None else logit_bytes
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
-    if weight is None or length * weight.shape[0] * 4 <= logit_bytes:
+    if weight is None or length < 2 or length * weight.shape[0] * 4 <= budget:
+        return None
+    if not type(model).__module__.startswith("transformers."):
         return None
     if "logits_to_keep" not in inspect.signature(model.forward).parameters:
         return None
-    return max(1, logit_bytes // (weight.shape[0] * 4))
+    return max(1, budget // (weight.shape[0] * 4))
 
 
 @torch.inference_mode()
-def head_nll(model, ids: torch.Tensor, final: torch.Tensor, logit_bytes: int = LOGIT_BYTES) -> float:
+def head_nll(model, ids: torch.Tensor, final: torch.Tensor, logit_bytes: int | None = None) -> float:
     """:func:`nll_of` the logits the model gives for ``ids`` from its last block's output ``final``, with the
     head run on slices of positions where all of them at once would pass ``logit_bytes``."""
     length = ids.shape[1]
@@ -158,7 +167,7 @@ def head_nll(model, ids: torch.Tensor, final: torch.Tensor, logit_bytes: int = L
 
 
 def block_major_nlls(model, windows: torch.Tensor, device: torch.device, progress: bool = True,
-                     budget: int | None = None, logit_bytes: int = LOGIT_BYTES) -> list[float]:
+                     budget: int | None = None, logit_bytes: int | None = None) -> list[float]:
     """:func:`window_nll` of every window, computed block by block (:mod:`.blockwise`): each block moves to
     ``device`` once per chunk of windows whose hidden states fit in ``budget`` bytes."""
     chunk = max(1, (budget or blockwise.CHUNK_BYTES) // blockwise.hidden_bytes(model, windows.shape[1]))

@@ -212,11 +212,19 @@ class ModelAdapter:
     @property
     def base_model(self) -> nn.Module:
         """The module whose forward runs embeddings, blocks and final norm, without the LM head: transformers'
-        ``base_model``, or where that is the whole model (its prefix names no attribute: Llama-4's text model),
-        the model's child that holds the blocks."""
-        base = cast("PreTrainedModel", self.model).base_model
-        if base is self.model and "." in self.blocks_name:
-            return self.model.get_submodule(self.blocks_name.split(".")[0])
+        ``base_model``, or where that holds the head too (its prefix names no attribute, as Llama-4's text model's
+        does, or it is a causal LM inside a multimodal model), the outermost module on the way to the blocks
+        that does not."""
+        model = cast("PreTrainedModel", self.model)
+        base = model.base_model
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None or not any(module is head for module in base.modules()):
+            return base
+        parts = self.blocks_name.split(".")
+        for depth in range(1, len(parts)):
+            candidate = model.get_submodule(".".join(parts[:depth]))
+            if not any(module is head for module in candidate.modules()):
+                return candidate
         return base
 
     def linear_layers(self, index: int) -> list[LinearRef]:

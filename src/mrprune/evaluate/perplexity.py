@@ -121,8 +121,8 @@ def window_nll(model, window: torch.Tensor, device: torch.device, logit_bytes: i
         try:
             final = blockwise.last_block_output(model, ids)
         except UnsupportedModelError:  # a forward whose blocks cannot be bypassed: all logits at once
-            final = None
-        if final is not None:
+            pass
+        else:
             return head_nll(model, ids, final, logit_bytes)
     return nll_of(model(input_ids=ids, use_cache=False).logits, ids)
 

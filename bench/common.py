@@ -85,6 +85,7 @@ class PeakMemory:
 
         self.cuda = torch.device(device).type == "cuda"
         self.peak_bytes = 0
+        self.start_bytes = 0  # what was in use at entry (the loaded model): peak_bytes - start_bytes is the code's
 
     def _rss(self) -> int:
         with open("/proc/self/statm") as statm:
@@ -100,8 +101,9 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            self.start_bytes = torch.cuda.memory_allocated()
         else:
-            self.peak_bytes = self._rss()
+            self.peak_bytes = self.start_bytes = self._rss()
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()

@@ -1,6 +1,6 @@
 """Peak memory and time of a perplexity evaluation with the head on slices of positions (the default beyond
-``LOGIT_BYTES``) against all of a window's logits at once, on a real model (CPU: peak resident memory of the
-evaluation alone, from the kernel's high-water mark reset after loading; CUDA: torch's peak allocation).
+``LOGIT_BYTES``) against all of a window's logits at once, on a real model (``common.PeakMemory`` above what
+the loaded model holds: the resident set sampled every 20 ms on the CPU, torch's peak allocation on CUDA).
 
     python bench/eval_logits.py --model <Gemma-3 GGUF or dir> --windows 4
 """
@@ -18,38 +18,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import WIKITEXT
+from common import WIKITEXT, PeakMemory
 
 from mrprune.data import load_eval_text
 from mrprune.evaluate.perplexity import LOGIT_BYTES, model_windows, window_nll
 from mrprune.models.loading import load_model
 
 
-def resident_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def measure(model, windows, device, logit_bytes: int) -> dict:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
-        base = resident_kib("VmRSS") * 1024
-    start = time.perf_counter()
-    nlls = [window_nll(model, w, device, logit_bytes=logit_bytes) for w in windows]
-    seconds = time.perf_counter() - start
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resident_kib("VmHWM") * 1024
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        nlls = [window_nll(model, w, device, logit_bytes=logit_bytes) for w in windows]
+        seconds = time.perf_counter() - start
     return {"ppl": math.exp(sum(nlls) / len(nlls)), "seconds": round(seconds, 2),
-            "peak_above_model_gib": round((peak - base) / 2**30, 3)}
+            "peak_above_model_gib": round((memory.peak_bytes - memory.start_bytes) / 2**30, 3)}
 
 
 def main() -> None:

@@ -62,6 +62,9 @@ CASES = {
     "mrp-fast": ({"allocation.method": "mrp-fast"}, SequentialPruner, "save_progress", 1),
     "mrp-fast-pilot": ({"allocation.method": "mrp-fast", "allocation.mrp.pilot": "start"}, SequentialPruner,
                        "save_progress", 1),
+    # per layer, M 3: the drifts measured in block 0 enter the per-unit forecast, which a resumed run must keep
+    "mrp-fast-layers": ({"allocation.method": "mrp-fast", "allocation.granularity": "layer", "allocation.mrp.m": 3.0},
+                        SequentialPruner, "save_progress", 1),
     "mrp-start": ({"allocation.method": "mrp"}, SequentialPruner, "save_progress", 1),
     "mrp-iterate": ({"allocation.method": "mrp"}, MrpRun, "_save_progress", 2),
     # between an iteration's block file and its progress.json (3 blocks saved by the start, then iterations 1,

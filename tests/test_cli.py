@@ -126,6 +126,7 @@ def test_bad_models_give_one_line_errors(tmp_path, capsys):
     (("--allocation", "mrp-fast", "--mrp-checkpoint-stride", "3"), "--mrp-checkpoint-stride is read only with"),
     (("--allocation", "mrp", "--mrp-pilot", "dense"), "--mrp-pilot is read only with --allocation mrp-fast, not"),
     (("--allocation", "mrp", "--mrp-masks", "one-shot"), "--mrp-masks is read only with --allocation mrp-fast,"),
+    (("--allocation", "mrp", "--mrp-drift", "global"), "--mrp-drift is read only with --allocation mrp-fast,"),
     (("--allocation", "auto", "--mrp-step", "0.1"), "not auto with candidates uniform,owl,alphapruning,mrp-fast"),
     (("--allocation", "mrp", "--mrp-min-step", "0.1"), "min_step 0.1, step 0.05, gamma 0.95 (--mrp-min-step"),
     (("--allocation", "mrp-fast", "--sparsity", "0.97"), "MRP s_max=0.95 must lie in [target 0.97, 1) (--mrp-smax)"),

@@ -6,8 +6,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mrprune.metrics import LayerStats, SparsityPattern, Wanda
-from mrprune.redundancy import (RedundancyCurve, UnitCounts, equalize, layer_counts, row_outlier_counts, spread,
-                                thresholds)
+from mrprune.redundancy import (
+    RedundancyCurve,
+    UnitCounts,
+    equalize,
+    fit_log_drift,
+    layer_counts,
+    log_ratio,
+    row_outlier_counts,
+    spread,
+    thresholds,
+)
 
 
 def heavy_tailed(rows, cols, seed):
@@ -76,3 +85,17 @@ def test_capped_sums_match_the_direct_sum(counts, caps):
     counts_t, caps_t = torch.tensor(counts), torch.tensor(caps, dtype=torch.float64)
     expected = [sum(min(c, k) for c in counts) for k in caps]
     assert capped_sums(counts_t, 40, caps_t).tolist() == expected
+
+
+def test_fit_log_drift_recovers_a_line_and_refuses_too_little_evidence():
+    xs = [-0.2, -0.05, 0.0, 0.1, 0.3]
+    c, k = fit_log_drift([(x, 0.07 + 1.5 * x) for x in xs])
+    assert c == pytest.approx(0.07) and k == pytest.approx(1.5)
+    noisy = [(x, 0.07 + 1.5 * x + e) for x, e in zip(xs, [0.01, -0.02, 0.015, -0.01, 0.005])]
+    c2, k2 = fit_log_drift(noisy)
+    assert abs(k2 - 1.5) < 0.2 and abs(c2 - 0.07) < 0.02
+    assert fit_log_drift([(x, x) for x in xs[:3]]) is None  # fewer than 4 points
+    assert fit_log_drift([(0.1, y) for y in (0.0, 0.1, 0.2, 0.3)]) is None  # no spread in x: no slope
+    assert fit_log_drift([(x, x) for x in xs[:3]], min_points=3) is not None
+    assert log_ratio(0.2, 0.1) == pytest.approx(math.log(2)) and log_ratio(0.0, 0.1) is None
+    assert log_ratio(0.1, 0.0) is None

@@ -90,6 +90,8 @@ PRUNE_OPTIONS = [
     Option("--mrp-masks", "allocation.mrp.masks", "fast MRP prunes each block first to s0 (with the start "
            "pilot's statistics: the exact loop's own start), then to its share (default, nested like the exact "
            "loop's masks; Wanda), or straight to its share"),
+    Option("--mrp-drift", "allocation.mrp.drift", "fast MRP forecasts how pruning upstream moves each later "
+           "block's redundancy from that block's own move in the pilot (default), or by one mean for all"),
     Option("--mrp-checkpoint-stride", "allocation.mrp.checkpoint_stride", "exact MRP: cache every k-th block's "
            "inputs to re-run MRP from the changed block (0: as memory allows)", type=int),
     Option("--calib", "calibration.source", "calibration text: a .txt/.jsonl/.parquet file, a hub dataset "
@@ -168,6 +170,7 @@ _ALLOCATION_FLAGS = {"allocation.ratios": ("file",), "allocation.owl.": ("owl",)
                      "allocation.mrp.step": ("mrp",), "allocation.mrp.min_step": ("mrp",),
                      "allocation.mrp.gamma": ("mrp",), "allocation.mrp.checkpoint_stride": ("mrp",),
                      "allocation.mrp.pilot": ("mrp-fast",), "allocation.mrp.masks": ("mrp-fast",),
+                     "allocation.mrp.drift": ("mrp-fast",),
                      "allocation.auto.": ("auto",)}
 _PERPLEXITY_FLAGS = ("evaluation.text", "evaluation.seqlen", "evaluation.max_windows", "evaluation.bos")
 

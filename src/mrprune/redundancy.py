@@ -9,6 +9,7 @@ Pruned weights score 0 and are never outliers. Pure functions over tensors; orch
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -164,3 +165,23 @@ def equalize(curves: list[RedundancyCurve], target: float, lower: float, upper: 
         for i, s in zip(free, shifted):
             sparsities[i] = s
     return sparsities
+
+
+def fit_log_drift(points: list[tuple[float, float]], min_points: int = 4) -> tuple[float, float] | None:
+    """Least-squares line y = c + k x through (x, y) points, or None with fewer than ``min_points`` or no spread
+    in x. Fast MRP fits log(drift to come) on log(drift so far) of the units it has reached."""
+    n = len(points)
+    if n < min_points:
+        return None
+    mx = math.fsum(x for x, _ in points) / n
+    my = math.fsum(y for _, y in points) / n
+    sxx = math.fsum((x - mx) ** 2 for x, _ in points)
+    if sxx <= 1e-12:
+        return None
+    k = math.fsum((x - mx) * (y - my) for x, y in points) / sxx
+    return my - k * mx, k
+
+
+def log_ratio(a: float, b: float) -> float | None:
+    """log(a / b), or None where either is not positive (a unit without outliers has no drift to measure)."""
+    return math.log(a / b) if a > 0 and b > 0 else None

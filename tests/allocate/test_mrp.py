@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from mrprune.config import MrpConfig, merge
 from mrprune.errors import ConfigError
 from mrprune.metrics import SparsityPattern, build_metric
 from mrprune.models import get_adapter
+from mrprune.redundancy import RedundancyCurve
 from mrprune.runner import SequentialPruner
 from tests.conftest import VOCAB, tiny_model
 
@@ -317,3 +320,56 @@ def test_fast_mrp_nests_only_where_the_dense_pass_kept_the_statistics():
     base = mrp_run("sparsegpt", target=0.6, s0=0.5)
     allocation, _ = FastMrpRun(base.opt, base.ctx, base.pruner, IDS).run()
     assert allocation.details["masks"] == "one-shot"  # SparseGPT's Hessians are not kept from the dense pass
+
+
+def curve_with_ratio(ratio: float, rows: int = 64, width: int = 100) -> RedundancyCurve:
+    """A curve whose outlier ratio at sparsity 0.5 is ``ratio`` (all rows alike, counts below the survivors)."""
+    return RedundancyCurve([(torch.full((rows,), 10), width)]).scaled(ratio / 0.2)
+
+
+def test_drift_forecast_extrapolates_each_units_own_pilot_drift():
+    """Later units are forecast from their own move between the dense pass and the pilot (log-linear fit on the
+    reached units): a unit that lost outliers in the pilot is forecast to lose more, one that gained to gain."""
+    from mrprune.allocate.mrp_fast import DriftForecast
+
+    pilot_moves = [0.8, 0.9, 1.0, 1.1, 1.25, 0.7, 1.4]
+    dense = [curve_with_ratio(0.01) for _ in pilot_moves]
+    pilot = [curve_with_ratio(0.01 * a) for a in pilot_moves]
+    c, k = 0.05, 1.5
+    true = [curve_with_ratio(0.01 * a * math.exp(c) * a ** k) for a in pilot_moves]
+    forecast = DriftForecast(dense, pilot, 0.5)
+    for i in range(3):
+        forecast.observe(i, true[i])
+        assert forecast.scale(5, fallback=1.23) == 1.23  # too few points: the global scale
+    forecast.observe(3, true[3])
+    forecast.observe(4, true[4])
+    assert forecast.fit == pytest.approx((c, k), rel=1e-3)
+    for j in (5, 6):  # never observed: forecast from their own pilot drift
+        assert forecast.scale(j, fallback=1.0) == pytest.approx(math.exp(c) * pilot_moves[j] ** k, rel=1e-3)
+    assert forecast.scale(5, 1.0) < 1.0 < forecast.scale(6, 1.0)
+    resumed = DriftForecast(dense, pilot, 0.5, points=forecast.points)  # as a resumed run rebuilds it
+    assert resumed.fit == forecast.fit
+    no_outliers = DriftForecast([curve_with_ratio(0.0)] + dense[1:], pilot, 0.5, points=forecast.points)
+    assert no_outliers.scale(0, fallback=0.9) == 0.9  # its drift is undefined: the global scale
+
+
+def test_fast_mrp_drift_forecasts(device):
+    """Per layer (7 units a block; M 3 so that units have outliers), the per-unit forecast takes over from the
+    global scale once units with different pilot drifts are reached and moves the plan; both hit the target, and
+    without a pilot there is nothing per unit to forecast from."""
+    from mrprune.allocate.mrp_fast import FastMrpRun
+
+    allocations = {}
+    for drift in ("per-unit", "global"):
+        base = mrp_run(target=0.6, granularity="layer", s0=0.5, smax=0.8, m=3.0, device=device, drift=drift)
+        allocation, records = FastMrpRun(base.opt, base.ctx, base.pruner, IDS).run()
+        assert sum(r.zeros for r in records) == round(0.6 * sum(r.numel for r in records))
+        assert allocation.details["drift"] == drift
+        fitted = [i for i, step in enumerate(allocation.details["trace"]) if "drift_fit" in step]
+        assert bool(fitted) == (drift == "per-unit")
+        assert all(i >= 7 for i in fitted)  # block 0's 7 layers have no upstream: no spread to fit a slope on
+        allocations[drift] = allocation.layer_targets
+    assert allocations["per-unit"] != allocations["global"]
+    base = mrp_run(target=0.6, granularity="layer", s0=0.5, smax=0.8, m=3.0, device=device, pilot="dense")
+    allocation, _ = FastMrpRun(base.opt, base.ctx, base.pruner, IDS).run()
+    assert allocation.details["drift"] == "global"

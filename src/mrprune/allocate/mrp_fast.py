@@ -16,10 +16,14 @@ curves measured with the FINAL upstream blocks. So:
    on the model pruned to the first plan instead (closer to the loop's end state and to its allocation, but
    worse in perplexity everywhere it was measured: docs/mrp.md); ``pilot="dense"`` skips the pass;
 3. one sequential pruning pass: at each block the curves of its units are recomputed from the TRUE inputs
-   (pruned upstream), the curves of later units are scaled by the drift measured so far, the plan is re-solved
-   with the earlier units fixed, and the block is pruned to its planned sparsity: with ``masks="nested"`` (the
-   default) first to s0 with the start's statistics (the dense ones without a start pilot), so that its mask
-   holds the loop's own start mask (the loop's result depends on its masks, not only on its allocation:
+   (pruned upstream), the curves of later units are scaled by a forecast of their drift, the plan is re-solved
+   with the earlier units fixed, and the block is pruned to its planned sparsity. The drift is not uniform over
+   depth (on SmolLM2 the middle blocks gain outliers as upstream is pruned, the last ones lose them), so with
+   ``drift="per-unit"`` (the default) a unit's forecast comes from its own drift between the dense pass and the
+   pilot, log-linearly fitted on the units reached so far (``DriftForecast``); ``drift="global"`` scales every
+   later unit by the mean drift measured so far. With ``masks="nested"`` (the default) the block is pruned
+   first to s0 with the start's statistics (the dense ones without a start pilot), so that its mask holds the
+   loop's own start mask (the loop's result depends on its masks, not only on its allocation:
    docs/mrp.md).
 
 Cost: about 2.5-2.9x a uniform run with a pilot (CPU, SmolLM2), 1.5x without, whatever the step schedule.
@@ -28,12 +32,13 @@ Cost: about 2.5-2.9x a uniform run with a pilot (CPU, SmolLM2), 1.5x without, wh
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from tqdm.auto import tqdm
 
 from ..metrics.base import LayerStats, sq_norms
-from ..redundancy import RedundancyCurve, equalize, row_outlier_counts, spread, thresholds
+from ..redundancy import RedundancyCurve, equalize, fit_log_drift, log_ratio, row_outlier_counts, spread, thresholds
 from ..runner import LayerRecord, SequentialPruner
 from .base import Allocation, AllocationContext
 from .mrp import MrpAllocator, Unit, build_units, layer_counts_for, per_unit_on_device, resolve_start, unit_counts
@@ -57,6 +62,36 @@ def start_leg_stats(tokens: int, sq_norm: torch.Tensor | None) -> LayerStats:
     return LayerStats(tokens=tokens, sq_norm=sq_norm, unseen=tokens == 0)
 
 
+class DriftForecast:
+    """Forecasts each later unit's drift (its outlier ratio at s0 once upstream is pruned as planned, over the
+    pilot's) from its own drift between the dense pass and the pilot: log drift = c + k log(pilot / dense), with c
+    and k fitted on the units reached so far. Until the fit has enough points, and for units without outliers,
+    the global scale stands in."""
+
+    def __init__(self, dense: list[RedundancyCurve], pilot: list[RedundancyCurve], s0: float,
+                 points: list[tuple[float, float]] | None = None):
+        self.s0 = s0
+        self.pilot = pilot
+        self.x = [log_ratio(p.outlier_ratio(s0), d.outlier_ratio(s0)) for d, p in zip(dense, pilot)]
+        self.points: list[tuple[float, float]] = [tuple(p) for p in points or []]  # type: ignore[misc]
+        self.fit = fit_log_drift(self.points)
+
+    def observe(self, index: int, measured: RedundancyCurve) -> None:
+        """Add a reached unit's measured drift to the fit."""
+        x = self.x[index]
+        y = log_ratio(measured.outlier_ratio(self.s0), self.pilot[index].outlier_ratio(self.s0))
+        if x is not None and y is not None:
+            self.points.append((x, y))
+            self.fit = fit_log_drift(self.points)
+
+    def scale(self, index: int, fallback: float) -> float:
+        x = self.x[index]
+        if self.fit is None or x is None:
+            return fallback
+        c, k = self.fit
+        return math.exp(c + k * x)
+
+
 class FastMrpRun:
     def __init__(self, options, ctx: AllocationContext, pruner: SequentialPruner, input_ids: torch.Tensor):
         if ctx.dense_stats is None:
@@ -78,12 +113,14 @@ class FastMrpRun:
         # statistics the dense pass keeps (Wanda's norms) can nest; magnitude masks nest by themselves.
         metric = pruner.metric
         self.nested = options.masks == "nested" and metric.needs_sq_norm and not metric.needs_hessian
+        #: a per-unit drift forecast needs the pilot's curves to set against the dense ones
+        self.per_unit_drift = options.drift == "per-unit" and options.pilot != "dense"
         #: with the 'start' pilot, each block's statistics in the loop's uniform start (the nested masks' first leg)
         self.start_stats: dict[str, LayerStats] = {}
 
     def run(self) -> tuple[Allocation, list[LayerRecord]]:
         pruner, opt = self.pruner, self.opt
-        planning = self.dense_curves()
+        planning = dense = self.dense_curves()
         start, _ = pruner.restore()  # after the dense pass: thresholds and dense curves come from dense weights
         if opt.pilot != "dense":
             planning = self.pilot_curves(start, planning)
@@ -102,6 +139,8 @@ class FastMrpRun:
             fixed = {int(k): v for k, v in state["fixed"].items()}
             final_ratios, self.trace = list(state["final_ratios"]), list(state["trace"])
             pruner.layer_notes.update(state.get("notes", {}))
+        forecast = (DriftForecast(dense, planning, self.s0, state.get("drift_points") if start else None)
+                    if self.per_unit_drift else None)
         if start >= self.adapter.num_blocks:
             return self.result(final_ratios)
         acts = pruner.resume(self.input_ids) if start else pruner.capture(self.input_ids)
@@ -120,10 +159,13 @@ class FastMrpRun:
                         curves[unit.index] = unit_curve(unit, current, self.tau[unit.index])
                         drift_true += curves[unit.index].outlier_ratio(self.s0)
                         drift_dense += planning[unit.index].outlier_ratio(self.s0)
+                        if forecast is not None:
+                            forecast.observe(unit.index, curves[unit.index])
                     scale = drift_true / drift_dense if drift_dense else 1.0
                     for later in self.units:
                         if later.block > block:
-                            curves[later.index] = planning[later.index].scaled(scale)
+                            own = forecast.scale(later.index, scale) if forecast is not None else scale
+                            curves[later.index] = planning[later.index].scaled(own)
                     plan = equalize(curves, self.target, self.s0, opt.smax, fixed)
                     targets = {}
                     for i, unit in enumerate(units):
@@ -133,8 +175,11 @@ class FastMrpRun:
                         targets.update({ref.name: counts[ref.name] / ref.numel for ref in unit.layers})
                         done += sum(counts.values())
                         fixed[unit.index] = sum(counts.values()) / unit.numel
-                        self.trace.append({"unit": unit.label(), "first_plan": round(first_plan[unit.index], 6),
-                                           "sparsity": round(fixed[unit.index], 6), "drift": round(scale, 4)})
+                        step = {"unit": unit.label(), "first_plan": round(first_plan[unit.index], 6),
+                                "sparsity": round(fixed[unit.index], 6), "drift": round(scale, 4)}
+                        if forecast is not None and forecast.fit is not None:
+                            step["drift_fit"] = [round(v, 4) for v in forecast.fit]  # c, k of the forecast used
+                        self.trace.append(step)
                 if self.nested:
                     first = {name: min(self.s0, share) for name, share in targets.items()}
                     pruner.prune_layers(layers, first, {ref.name: leg_stats[ref.name] for ref in layers})
@@ -152,7 +197,8 @@ class FastMrpRun:
                 pruner._release(block)
             pruner.save_progress(acts, block, [], stage="mrp-fast", state={
                 "done": done, "fixed": fixed, "drift_true": drift_true, "drift_dense": drift_dense,
-                "final_ratios": final_ratios, "trace": self.trace, "notes": pruner.layer_notes})
+                "final_ratios": final_ratios, "trace": self.trace, "notes": pruner.layer_notes,
+                "drift_points": forecast.points if forecast is not None else []})
         return self.result(final_ratios)
 
     def dense_curves(self) -> list[RedundancyCurve]:
@@ -237,6 +283,7 @@ class FastMrpRun:
             "mrp-fast", self.adapter, {r.name: r.sparsity for r in records}, self.target,
             granularity=self.ctx.granularity, s0=self.s0, m=o.m, smax=o.smax, activations=o.activations,
             pilot=o.pilot, masks="nested" if self.nested else "one-shot",
+            drift="per-unit" if self.per_unit_drift else "global",
             thresholds=[float(t) for t in self.tau],
             final_non_outlier_ratios=[round(r, 6) for r in final_ratios],
             redundancy_spread=spread(final_ratios),

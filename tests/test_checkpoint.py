@@ -388,3 +388,26 @@ def test_a_checkpoint_directory_a_run_made_and_saved_nothing_in_is_removed(tmp_p
     with pytest.raises(CheckpointError, match="holds no mrprune checkpoint"):
         Checkpoint.open(kept, {"run": 1}, resume=False)
     assert [p.name for p in kept.iterdir()] == ["notes.txt"]  # refused without leaving a lock file
+
+
+def test_an_interruption_during_a_commits_clean_up_still_counts_as_saved(tmp_path, monkeypatch):
+    """progress.json is on disk before the old files are removed: a Ctrl-C in that clean-up must still lead to
+    'progress is saved ... --resume' (the real-signal test above once hit that window)."""
+    folder = tmp_path / "ckpt"
+    ckpt = Checkpoint.open(folder, {"run": 1}, resume=False)
+    assert not ckpt.saved
+    real_glob = type(folder).glob
+
+    def interrupted_glob(self, pattern):
+        if pattern.startswith("activations-"):
+            raise KeyboardInterrupt
+        return real_glob(self, pattern)
+
+    monkeypatch.setattr(type(folder), "glob", interrupted_glob)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.commit("uniform", [], next_block=1)
+    assert ckpt.saved and ckpt.progress is not None and ckpt.progress["next_block"] == 1
+    monkeypatch.undo()
+    ckpt.progress = None  # the instant between the file's rename and the assignment: the file itself says so
+    assert ckpt.saved
+    ckpt.close()

@@ -329,7 +329,7 @@ def prune(model=None, config: PruneConfig | None = None, *, tokenizer=None, prog
                 outcome = _prune_loaded(config, target, adapter, metric, allocator, pattern, calib_ids, heldout,
                                         eval_corpus, zeroshot_tasks, device, timer, progress, checkpoint)
         except KeyboardInterrupt as exc:
-            if checkpoint is not None and checkpoint.progress is not None:
+            if checkpoint is not None and checkpoint.saved:
                 exc.checkpoint_dir = str(checkpoint.directory)  # type: ignore[attr-defined]
             raise
         if checkpoint is not None and r.remove_checkpoint:

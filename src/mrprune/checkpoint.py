@@ -278,6 +278,11 @@ class Checkpoint:
         """True when this run continues a saved one (fixed when opened; saving progress does not change it)."""
         return self._resumed
 
+    @property
+    def saved(self) -> bool:
+        """Whether a resumable progress file is on disk: also in the instant between writing it and knowing it."""
+        return self.progress is not None or (self.directory / PROGRESS).exists()
+
     def stage(self) -> str | None:
         return None if self.progress is None else self.progress.get("stage")
 
@@ -366,12 +371,13 @@ class Checkpoint:
         text = json.dumps(progress, indent=1) + "\n"
         self.directory.mkdir(parents=True, exist_ok=True)  # auto commits before any block is saved
         _atomic(self.directory / PROGRESS, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        for old in self.directory.glob("activations-*.safetensors"):
-            if old.name != progress["activations"]:
-                old.unlink(missing_ok=True)
+        # known in memory at once: an interruption during the clean-up below must still say progress is saved
         self.progress = progress
         self.generation += 1
         self._pending.clear()
+        for old in self.directory.glob("activations-*.safetensors"):
+            if old.name != progress["activations"]:
+                old.unlink(missing_ok=True)
         self._remove_unnamed_blocks()
 
     def _block_files(self) -> dict[str, str]:

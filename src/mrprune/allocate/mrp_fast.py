@@ -73,7 +73,7 @@ class DriftForecast:
         self.s0 = s0
         self.pilot = pilot
         self.x = [log_ratio(p.outlier_ratio(s0), d.outlier_ratio(s0)) for d, p in zip(dense, pilot)]
-        self.points: list[tuple[float, float]] = [tuple(p) for p in points or []]  # type: ignore[misc]
+        self.points = [(x, y) for x, y in points or []]  # a resumed run's come back from JSON as lists
         self.fit = fit_log_drift(self.points)
 
     def observe(self, index: int, measured: RedundancyCurve) -> None:

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 
-def drifts(record: dict) -> tuple[list, list]:
+def drifts(record: dict) -> tuple[list, list, dict]:
+    """(pilot drifts x, log drifts y as measured when reached, unit -> measured outlier ratio at s0)."""
     measured = {index: ratio for index, ratio, _ in record["obs"]}
     y = [math.log(measured[u] / p) if measured.get(u, 0) > 0 and p > 0 else None
          for u, p in enumerate(record["pilot"])]
-    return record["x"], y
+    return record["x"], y, measured
 
 
 def line(rows: list[list[float]], targets: list[float]) -> np.ndarray:
@@ -57,11 +58,10 @@ def forecasts(x: list, y: list, b: int, excess: list[float], global_drift: float
 def score(path: Path) -> dict[str, tuple[float, float, float]]:
     record = json.loads(path.read_text())
     run = json.loads(path.with_name(f"run-{path.name}").read_text())[0]
-    x, y = drifts(record)
+    x, y, measured = drifts(record)
     n = len(x)
     s0, blocks = run["allocation"]["s0"], run["blocks"]
     excess = [sum(blocks[v] - s0 for v in range(u)) / n for u in range(n)]  # the final allocation: optimistic
-    measured = {index: ratio for index, ratio, _ in record["obs"]}
     past: dict = {}
     sums: dict = {}
     for b in range(n - 1):

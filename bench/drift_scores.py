@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mrprune.redundancy import fit_log_drift
+
 
 def drifts(record: dict) -> tuple[list, list, dict]:
     """(pilot drifts x, log drifts y as measured when reached, unit -> measured outlier ratio at s0)."""
@@ -38,9 +40,9 @@ def forecasts(x: list, y: list, b: int, excess: list[float], global_drift: float
         return global_drift
 
     out = {"global": fallback}
-    if len(seen) >= 4 and len({xu for _, xu, _ in seen}) > 1:
-        c, k = line([[1, xu] for _, xu, _ in seen], [yu for *_, yu in seen])
-        out["per-unit"] = lambda u, c=c, k=k: c + k * x[u] if x[u] is not None else global_drift
+    fit = fit_log_drift([(xu, yu) for _, xu, yu in seen])  # the product's own fit (DriftForecast)
+    if fit is not None:
+        out["per-unit"] = lambda u, c=fit[0], k=fit[1]: c + k * x[u] if x[u] is not None else global_drift
     else:
         out["per-unit"] = fallback
     errors = [y[v] - past[v - 1]["per-unit"](v) for v in range(3, b + 1) if y[v] is not None and v - 1 in past]

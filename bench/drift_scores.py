@@ -17,19 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mrprune.redundancy import fit_log_drift
+from mrprune.redundancy import fit_log_drift, fit_upstream_drift
 
 
 def drifts(record: dict) -> tuple[list, list, dict]:
     """(pilot drifts x, log drifts y as measured when reached, unit -> measured outlier ratio at s0)."""
-    measured = {index: ratio for index, ratio, _ in record["obs"]}
+    measured = {index: ratio for index, ratio, *_ in record["obs"]}
     y = [math.log(measured[u] / p) if measured.get(u, 0) > 0 and p > 0 else None
          for u, p in enumerate(record["pilot"])]
     return record["x"], y, measured
-
-
-def line(rows: list[list[float]], targets: list[float]) -> np.ndarray:
-    return np.linalg.lstsq(np.array(rows), np.array(targets), rcond=None)[0]
 
 
 def forecasts(x: list, y: list, b: int, excess: list[float], global_drift: float, past: dict) -> dict:
@@ -49,11 +45,19 @@ def forecasts(x: list, y: list, b: int, excess: list[float], global_drift: float
     for window in (3, 6):
         shift = float(np.mean(errors[-window:])) if errors else 0.0
         out[f"per-unit + last {window} errors"] = lambda u, shift=shift: out["per-unit"](u) + shift
-    if len(seen) >= 4 and max(excess[u] for u, *_ in seen) > 0:
-        a, slope = line([[excess[u], xu] for u, xu, _ in seen], [yu for *_, yu in seen])
-        out["upstream excess + x"] = lambda u, a=a, slope=slope: a * excess[u] + slope * (x[u] or 0.0)
+    upstream = fit_upstream_drift([(xu, yu, excess[u]) for u, xu, yu in seen])  # the product's (DriftForecast)
+    if upstream is not None:
+        out["upstream"] = lambda u, a=upstream[0], k=upstream[1]: (a * excess[u] + k * x[u] if x[u] is not None
+                                                                   else global_drift)
     else:
-        out["upstream excess + x"] = fallback
+        out["upstream"] = out["per-unit"]
+    if len(seen) >= 5:  # the same with an intercept, which the product leaves out
+        rows = np.array([[1.0, xu, excess[u]] for u, xu, _ in seen])
+        c, k, a = np.linalg.lstsq(rows, np.array([yu for *_, yu in seen]), rcond=None)[0]
+        out["upstream + intercept"] = lambda u, c=c, k=k, a=a: (c + k * x[u] + a * excess[u] if x[u] is not None
+                                                               else global_drift)
+    else:
+        out["upstream + intercept"] = out["upstream"]
     return out
 
 

@@ -25,18 +25,18 @@ def instrument(record: dict) -> None:
     cls = mrp_fast.DriftForecast
     init, observe, scale = cls.__init__, cls.observe, cls.scale
 
-    def traced_init(self, dense, pilot, s0, points=None):
-        init(self, dense, pilot, s0, points)
+    def traced_init(self, dense, pilot, s0, *args, **kwargs):
+        init(self, dense, pilot, s0, *args, **kwargs)
         record.update(x=self.x, dense=[d.outlier_ratio(s0) for d in dense],
-                      pilot=[p.outlier_ratio(s0) for p in pilot], obs=[], scales=[])
+                      pilot=[p.outlier_ratio(s0) for p in pilot], obs=[], scales=[], model=self.model)
 
-    def traced_observe(self, index, measured):
-        record["obs"].append([index, measured.outlier_ratio(self.s0), list(self.fit) if self.fit else None])
-        observe(self, index, measured)
+    def traced_observe(self, index, measured, excess=0.0):
+        record["obs"].append([index, measured.outlier_ratio(self.s0), list(self.fit) if self.fit else None, excess])
+        observe(self, index, measured, excess)
 
-    def traced_scale(self, index, fallback):
-        value = scale(self, index, fallback)
-        record["scales"].append([len(record["obs"]), index, value, fallback])  # made after len(obs) units
+    def traced_scale(self, index, fallback, excess=0.0):
+        value = scale(self, index, fallback, excess)
+        record["scales"].append([len(record["obs"]), index, value, fallback, excess])  # made after len(obs) units
         return value
 
     cls.__init__, cls.observe, cls.scale = traced_init, traced_observe, traced_scale

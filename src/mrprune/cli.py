@@ -91,7 +91,8 @@ PRUNE_OPTIONS = [
            "pilot's statistics: the exact loop's own start), then to its share (default, nested like the exact "
            "loop's masks; Wanda), or straight to its share"),
     Option("--mrp-drift", "allocation.mrp.drift", "fast MRP forecasts how pruning upstream moves each later "
-           "block's redundancy from that block's own move in the pilot (default), or by one mean for all"),
+           "block's redundancy from that block's own move in the pilot and the pruning planned upstream of it "
+           "(default), from its own move alone, or by one mean for all"),
     Option("--mrp-checkpoint-stride", "allocation.mrp.checkpoint_stride", "exact MRP: cache every k-th block's "
            "inputs to re-run MRP from the changed block (0: as memory allows)", type=int),
     Option("--calib", "calibration.source", "calibration text: a .txt/.jsonl/.parquet file, a hub dataset "

@@ -96,10 +96,11 @@ class MrpConfig:
     #: where the start pilot measured them, else the dense model's, then to its plan with its current ones, so
     #: its mask holds the start's as the exact loop's masks do; Wanda) or "one-shot" (straight to the plan)
     masks: str = "nested"
-    #: fast MRP's forecast of how pruning upstream moves a later unit's outlier ratio: "per-unit" (from the unit's
-    #: own move between the dense pass and the pilot, log-linearly fitted on the units reached so far; needs a
-    #: pilot) or "global" (one scale for all: the mean move measured so far)
-    drift: str = "per-unit"
+    #: fast MRP's forecast of how pruning upstream moves a later unit's outlier ratio: "upstream" (from the unit's
+    #: own move between the dense pass and the pilot and the pruning upstream of it beyond s0, fitted on the units
+    #: reached so far; needs a pilot), "per-unit" (from its own move alone) or "global" (one scale for all: the
+    #: mean move measured so far)
+    drift: str = "upstream"
 
 
 @dataclass
@@ -303,7 +304,7 @@ CHOICES = {
     "allocation.mrp.activations": ("dense-block", "pruned-block"),
     "allocation.mrp.pilot": ("plan", "start", "dense"),
     "allocation.mrp.masks": ("nested", "one-shot"),
-    "allocation.mrp.drift": ("per-unit", "global"),
+    "allocation.mrp.drift": ("upstream", "per-unit", "global"),
     "evaluation.bos": ("auto", "always", "never"),
 }
 

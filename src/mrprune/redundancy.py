@@ -182,6 +182,24 @@ def fit_log_drift(points: list[tuple[float, float]], min_points: int = 4) -> tup
     return my - k * mx, k
 
 
+def fit_upstream_drift(points: list[tuple[float, float, float]], min_points: int = 4) -> tuple[float, float] | None:
+    """Least-squares y = a e + k x through (x, y, e) points, no intercept, or None with fewer than ``min_points``
+    or e and x without independent spread. Fast MRP fits a unit's log drift to come on the pruning upstream of it
+    beyond the pilot's (e) and on its drift so far (x); an intercept made the forecast worse on the recorded
+    passes (docs/mrp.md, "The upstream term")."""
+    if len(points) < min_points:
+        return None
+    see = math.fsum(e * e for _, _, e in points)
+    sxx = math.fsum(x * x for x, _, _ in points)
+    sex = math.fsum(e * x for x, _, e in points)
+    det = see * sxx - sex * sex
+    if det <= 1e-9 * max(see * sxx, 1e-30):
+        return None
+    sey = math.fsum(e * y for _, y, e in points)
+    sxy = math.fsum(x * y for x, y, _ in points)
+    return (sey * sxx - sxy * sex) / det, (sxy * see - sey * sex) / det
+
+
 def log_ratio(a: float, b: float) -> float | None:
     """log(a / b), or None where either is not positive (a unit without outliers has no drift to measure)."""
     return math.log(a / b) if a > 0 and b > 0 else None

@@ -337,7 +337,7 @@ def test_drift_forecast_extrapolates_each_units_own_pilot_drift():
     pilot = [curve_with_ratio(0.01 * a) for a in pilot_moves]
     c, k = 0.05, 1.5
     true = [curve_with_ratio(0.01 * a * math.exp(c) * a ** k) for a in pilot_moves]
-    forecast = DriftForecast(dense, pilot, 0.5)
+    forecast = DriftForecast(dense, pilot, 0.5, model="per-unit")
     for i in range(3):
         forecast.observe(i, true[i])
         assert forecast.scale(5, fallback=1.23) == 1.23  # too few points: the global scale
@@ -347,29 +347,66 @@ def test_drift_forecast_extrapolates_each_units_own_pilot_drift():
     for j in (5, 6):  # never observed: forecast from their own pilot drift
         assert forecast.scale(j, fallback=1.0) == pytest.approx(math.exp(c) * pilot_moves[j] ** k, rel=1e-3)
     assert forecast.scale(5, 1.0) < 1.0 < forecast.scale(6, 1.0)
-    resumed = DriftForecast(dense, pilot, 0.5, points=forecast.points)  # as a resumed run rebuilds it
+    assert forecast.scale(5, 1.0, excess=0.5) == forecast.scale(5, 1.0)  # the per-unit line ignores the excess
+    resumed = DriftForecast(dense, pilot, 0.5, points=forecast.points, model="per-unit")  # as a resumed run does
     assert resumed.fit == forecast.fit
-    no_outliers = DriftForecast([curve_with_ratio(0.0)] + dense[1:], pilot, 0.5, points=forecast.points)
+    no_outliers = DriftForecast([curve_with_ratio(0.0)] + dense[1:], pilot, 0.5, points=forecast.points,
+                                model="per-unit")
     assert no_outliers.scale(0, fallback=0.9) == 0.9  # its drift is undefined: the global scale
 
 
+def test_upstream_drift_forecast_grows_with_the_pruning_upstream():
+    """The default forecast: a later unit's log drift is a e + k x, so the more is pruned upstream of it beyond s0,
+    the more it drifts; until that fit has enough points (or where the excess has no spread) the per-unit line
+    stands in, and before that the global scale."""
+    from mrprune.allocate.mrp_fast import DriftForecast
+
+    pilot_moves = [0.8, 0.9, 1.0, 1.1, 1.25, 0.7, 1.4]
+    excess = [0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06]
+    dense = [curve_with_ratio(0.01) for _ in pilot_moves]
+    pilot = [curve_with_ratio(0.01 * m) for m in pilot_moves]
+    a, k = 5.0, 0.5
+    true = [curve_with_ratio(0.01 * m * math.exp(a * e) * m ** k) for m, e in zip(pilot_moves, excess)]
+    forecast = DriftForecast(dense, pilot, 0.5)
+    for i in range(3):
+        forecast.observe(i, true[i], excess[i])
+    assert forecast.scale(5, fallback=1.23, excess=0.05) == 1.23  # too few points: the global scale
+    forecast.observe(3, true[3], excess[3])
+    forecast.observe(4, true[4], excess[4])
+    assert forecast.upstream_fit == pytest.approx((a, k), rel=1e-3)
+    for j in (5, 6):
+        assert forecast.scale(j, 1.0, excess[j]) == pytest.approx(math.exp(a * excess[j]) * pilot_moves[j] ** k,
+                                                                  rel=1e-3)
+        assert forecast.scale(j, 1.0, 0.2) > forecast.scale(j, 1.0, excess[j])  # more pruned upstream: more drift
+    resumed = DriftForecast(dense, pilot, 0.5, points=[list(p) for p in forecast.points])  # from checkpoint JSON
+    assert resumed.upstream_fit == forecast.upstream_fit
+    flat = DriftForecast(dense, pilot, 0.5)  # no excess anywhere yet: only the per-unit line can be fitted
+    for i in range(5):
+        flat.observe(i, true[i], 0.0)
+    assert flat.upstream_fit is None and flat.fit is not None
+    assert flat.scale(5, 1.0, 0.3) == pytest.approx(math.exp(flat.fit[0]) * pilot_moves[5] ** flat.fit[1])
+
+
 def test_fast_mrp_drift_forecasts(device):
-    """Per layer (7 units a block; M 3 so that units have outliers), the per-unit forecast takes over from the
-    global scale once units with different pilot drifts are reached and moves the plan; both hit the target, and
+    """Per layer (7 units a block; M 3 so that units have outliers), the upstream and per-unit forecasts take over
+    from the global scale once units with different pilot drifts are reached and move the plan; all hit the target, and
     without a pilot there is nothing per unit to forecast from."""
     from mrprune.allocate.mrp_fast import FastMrpRun
 
     allocations = {}
-    for drift in ("per-unit", "global"):
+    for drift in ("upstream", "per-unit", "global"):
         base = mrp_run(target=0.6, granularity="layer", s0=0.5, smax=0.8, m=3.0, device=device, drift=drift)
         allocation, records = FastMrpRun(base.opt, base.ctx, base.pruner, IDS).run()
         assert sum(r.zeros for r in records) == round(0.6 * sum(r.numel for r in records))
         assert allocation.details["drift"] == drift
-        fitted = [i for i, step in enumerate(allocation.details["trace"]) if "drift_fit" in step]
-        assert bool(fitted) == (drift == "per-unit")
+        trace = allocation.details["trace"]
+        fitted = [i for i, step in enumerate(trace) if "drift_fit" in step]
+        assert bool(fitted) == (drift != "global")
+        assert any("upstream_fit" in step for step in trace) == (drift == "upstream")
         assert all(i >= 7 for i in fitted)  # block 0's 7 layers have no upstream: no spread to fit a slope on
         allocations[drift] = allocation.layer_targets
     assert allocations["per-unit"] != allocations["global"]
+    assert allocations["upstream"] != allocations["per-unit"]
     base = mrp_run(target=0.6, granularity="layer", s0=0.5, smax=0.8, m=3.0, device=device, pilot="dense")
     allocation, _ = FastMrpRun(base.opt, base.ctx, base.pruner, IDS).run()
     assert allocation.details["drift"] == "global"

@@ -18,13 +18,14 @@ curves measured with the FINAL upstream blocks. So:
 3. one sequential pruning pass: at each block the curves of its units are recomputed from the TRUE inputs
    (pruned upstream), the curves of later units are scaled by a forecast of their drift, the plan is re-solved
    with the earlier units fixed, and the block is pruned to its planned sparsity. The drift is not uniform over
-   depth (on SmolLM2 the middle blocks gain outliers as upstream is pruned, the last ones lose them), so with
-   ``drift="per-unit"`` (the default) a unit's forecast comes from its own drift between the dense pass and the
-   pilot, log-linearly fitted on the units reached so far (``DriftForecast``); ``drift="global"`` scales every
-   later unit by the mean drift measured so far. With ``masks="nested"`` (the default) the block is pruned
-   first to s0 with the start's statistics (the dense ones without a start pilot), so that its mask holds the
-   loop's own start mask (the loop's result depends on its masks, not only on its allocation:
-   docs/mrp.md).
+   depth (on SmolLM2 the middle blocks gain outliers as upstream is pruned, the last ones lose them) and grows
+   with the pruning upstream, so with ``drift="upstream"`` (the default) a unit's forecast comes from its own
+   drift between the dense pass and the pilot and from how much its plan prunes upstream of it beyond s0, fitted
+   on the units reached so far (``DriftForecast``); ``drift="per-unit"`` drops the upstream term,
+   ``drift="global"`` scales every later unit by the mean drift measured so far. With ``masks="nested"`` (the
+   default) the block is pruned first to s0 with the start's statistics (the dense ones without a start pilot),
+   so that its mask holds the loop's own start mask (the loop's result depends on its masks, not only on its
+   allocation: docs/mrp.md).
 
 Cost: about 2.5-2.9x a uniform run with a pilot (CPU, SmolLM2), 1.5x without, whatever the step schedule.
 """
@@ -38,7 +39,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..metrics.base import LayerStats, sq_norms
-from ..redundancy import RedundancyCurve, equalize, fit_log_drift, log_ratio, row_outlier_counts, spread, thresholds
+from ..redundancy import (
+    RedundancyCurve,
+    equalize,
+    fit_log_drift,
+    fit_upstream_drift,
+    log_ratio,
+    row_outlier_counts,
+    spread,
+    thresholds,
+)
 from ..runner import LayerRecord, SequentialPruner
 from .base import Allocation, AllocationContext
 from .mrp import MrpAllocator, Unit, build_units, layer_counts_for, per_unit_on_device, resolve_start, unit_counts
@@ -64,32 +74,42 @@ def start_leg_stats(tokens: int, sq_norm: torch.Tensor | None) -> LayerStats:
 
 class DriftForecast:
     """Forecasts each later unit's drift (its outlier ratio at s0 once upstream is pruned as planned, over the
-    pilot's) from its own drift between the dense pass and the pilot: log drift = c + k log(pilot / dense), with c
-    and k fitted on the units reached so far. Until the fit has enough points, and for units without outliers,
-    the global scale stands in."""
+    pilot's) from its own drift between the dense pass and the pilot, x = log(pilot / dense), fitted on the units
+    reached so far. ``model`` "upstream": log drift = a e + k x, e being the pruning upstream of the unit beyond
+    the pilot's s0 (a share of all weights): a unit drifts more the more is pruned before it, so the units still to
+    come, with more pruned before them, drift more than those reached. "per-unit": log drift = c + k x, blind to
+    that. Until a fit has enough points, the per-unit fit and then the global scale stand in; for units without
+    outliers the global scale does."""
 
     def __init__(self, dense: list[RedundancyCurve], pilot: list[RedundancyCurve], s0: float,
-                 points: list[tuple[float, float]] | None = None):
+                 points: list | None = None, model: str = "upstream"):
         self.s0 = s0
         self.pilot = pilot
+        self.model = model
         self.x = [log_ratio(p.outlier_ratio(s0), d.outlier_ratio(s0)) for d, p in zip(dense, pilot)]
-        self.points = [(x, y) for x, y in points or []]  # a resumed run's come back from JSON as lists
-        self.fit = fit_log_drift(self.points)
+        self.points = [tuple(p) for p in points or []]  # (x, y, e); a resumed run's come back from JSON as lists
+        self.refit()
 
-    def observe(self, index: int, measured: RedundancyCurve) -> None:
-        """Add a reached unit's measured drift to the fit."""
+    def refit(self) -> None:
+        self.fit = fit_log_drift([(p[0], p[1]) for p in self.points])
+        self.upstream_fit = (fit_upstream_drift([p for p in self.points if len(p) == 3])
+                             if self.model == "upstream" else None)
+
+    def observe(self, index: int, measured: RedundancyCurve, excess: float = 0.0) -> None:
+        """Add a reached unit's measured drift (and the excess pruning upstream of it) to the fits."""
         x = self.x[index]
         y = log_ratio(measured.outlier_ratio(self.s0), self.pilot[index].outlier_ratio(self.s0))
         if x is not None and y is not None:
-            self.points.append((x, y))
-            self.fit = fit_log_drift(self.points)
+            self.points.append((x, y, excess))
+            self.refit()
 
-    def scale(self, index: int, fallback: float) -> float:
+    def scale(self, index: int, fallback: float, excess: float = 0.0) -> float:
         x = self.x[index]
-        if self.fit is None or x is None:
+        if x is None or self.fit is None:
             return fallback
-        c, k = self.fit
-        return math.exp(c + k * x)
+        if self.upstream_fit is None:
+            return math.exp(self.fit[0] + self.fit[1] * x)
+        return math.exp(self.upstream_fit[0] * excess + self.upstream_fit[1] * x)
 
 
 class FastMrpRun:
@@ -113,8 +133,8 @@ class FastMrpRun:
         # statistics the dense pass keeps (Wanda's norms) can nest; magnitude masks nest by themselves.
         metric = pruner.metric
         self.nested = options.masks == "nested" and metric.needs_sq_norm and not metric.needs_hessian
-        #: a per-unit drift forecast needs the pilot's curves to set against the dense ones
-        self.per_unit_drift = options.drift == "per-unit" and options.pilot != "dense"
+        #: a drift forecast per unit needs the pilot's curves to set against the dense ones
+        self.unit_forecast = options.drift != "global" and options.pilot != "dense"
         #: with the 'start' pilot, each block's statistics in the loop's uniform start (the nested masks' first leg)
         self.start_stats: dict[str, LayerStats] = {}
 
@@ -139,8 +159,9 @@ class FastMrpRun:
             fixed = {int(k): v for k, v in state["fixed"].items()}
             final_ratios, self.trace = list(state["final_ratios"]), list(state["trace"])
             pruner.layer_notes.update(state.get("notes", {}))
-        forecast = (DriftForecast(dense, planning, self.s0, state.get("drift_points") if start else None)
-                    if self.per_unit_drift else None)
+        forecast = (DriftForecast(dense, planning, self.s0, state.get("drift_points") if start else None, opt.drift)
+                    if self.unit_forecast else None)
+        plan = list(state["plan"]) if start and "plan" in state else list(first_plan)
         if start >= self.adapter.num_blocks:
             return self.result(final_ratios)
         acts = pruner.resume(self.input_ids) if start else pruner.capture(self.input_ids)
@@ -155,16 +176,18 @@ class FastMrpRun:
                 stats = pruner.collect_stats(acts, layers, sq_norm=True)
                 current = sq_norms(stats)
                 with pruner.timer.phase("masks"):
+                    excess = self.upstream_excess([fixed.get(i, s) for i, s in enumerate(plan)])
                     for unit in units:
                         curves[unit.index] = unit_curve(unit, current, self.tau[unit.index])
                         drift_true += curves[unit.index].outlier_ratio(self.s0)
                         drift_dense += planning[unit.index].outlier_ratio(self.s0)
                         if forecast is not None:
-                            forecast.observe(unit.index, curves[unit.index])
+                            forecast.observe(unit.index, curves[unit.index], excess[unit.index])
                     scale = drift_true / drift_dense if drift_dense else 1.0
                     for later in self.units:
                         if later.block > block:
-                            own = forecast.scale(later.index, scale) if forecast is not None else scale
+                            own = (forecast.scale(later.index, scale, excess[later.index]) if forecast is not None
+                                   else scale)
                             curves[later.index] = planning[later.index].scaled(own)
                     plan = equalize(curves, self.target, self.s0, opt.smax, fixed)
                     targets = {}
@@ -179,6 +202,8 @@ class FastMrpRun:
                                 "sparsity": round(fixed[unit.index], 6), "drift": round(scale, 4)}
                         if forecast is not None and forecast.fit is not None:
                             step["drift_fit"] = [round(v, 4) for v in forecast.fit]  # c, k of the forecast used
+                        if forecast is not None and forecast.upstream_fit is not None:
+                            step["upstream_fit"] = [round(v, 4) for v in forecast.upstream_fit]  # a, k
                         self.trace.append(step)
                 if self.nested:
                     first = {name: min(self.s0, share) for name, share in targets.items()}
@@ -198,8 +223,19 @@ class FastMrpRun:
             pruner.save_progress(acts, block, [], stage="mrp-fast", state={
                 "done": done, "fixed": fixed, "drift_true": drift_true, "drift_dense": drift_dense,
                 "final_ratios": final_ratios, "trace": self.trace, "notes": pruner.layer_notes,
-                "drift_points": forecast.points if forecast is not None else []})
+                "drift_points": forecast.points if forecast is not None else [], "plan": plan})
         return self.result(final_ratios)
+
+    def upstream_excess(self, sparsities: list[float]) -> list[float]:
+        """Each unit's pruning upstream of it beyond s0 (the blocks before its own), as a share of all weights."""
+        total = sum(u.numel for u in self.units)
+        by_block = [0.0] * self.adapter.num_blocks
+        for unit in self.units:
+            by_block[unit.block] += unit.numel * (sparsities[unit.index] - self.s0)
+        before = [0.0] * self.adapter.num_blocks
+        for block in range(1, self.adapter.num_blocks):
+            before[block] = before[block - 1] + by_block[block - 1]
+        return [before[unit.block] / total for unit in self.units]
 
     def dense_curves(self) -> list[RedundancyCurve]:
         """Every unit's curve on the dense model (the dense pass's statistics), setting the thresholds tau."""
@@ -283,7 +319,7 @@ class FastMrpRun:
             "mrp-fast", self.adapter, {r.name: r.sparsity for r in records}, self.target,
             granularity=self.ctx.granularity, s0=self.s0, m=o.m, smax=o.smax, activations=o.activations,
             pilot=o.pilot, masks="nested" if self.nested else "one-shot",
-            drift="per-unit" if self.per_unit_drift else "global",
+            drift=o.drift if self.unit_forecast else "global",
             thresholds=[float(t) for t in self.tau],
             final_non_outlier_ratios=[round(r, 6) for r in final_ratios],
             redundancy_spread=spread(final_ratios),

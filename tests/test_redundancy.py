@@ -99,6 +99,7 @@ def test_fit_log_drift_recovers_a_line_and_refuses_too_little_evidence():
     assert fit_log_drift([(0.1, y) for y in (0.0, 0.1, 0.2, 0.3)]) is None  # no spread in x: no slope
     assert fit_log_drift([(x, x) for x in xs[:3]], min_points=3) is not None
     assert log_ratio(0.2, 0.1) == pytest.approx(math.log(2)) and log_ratio(0.0, 0.1) is None
+    assert log_ratio(0.1, 0.0) is None
 
 
 def test_fit_upstream_drift_recovers_both_slopes_through_the_origin():
@@ -109,4 +110,3 @@ def test_fit_upstream_drift_recovers_both_slopes_through_the_origin():
     assert fit_upstream_drift([(x, x, e) for x, e in zip(xs[:3], es)]) is None  # fewer than 4 points
     assert fit_upstream_drift([(x, x, 0.1 * x) for x in xs]) is None  # e a multiple of x: no separate slopes
     assert fit_upstream_drift([(0.0, 0.1, 0.0)] * 5) is None  # no spread at all
-    assert log_ratio(0.1, 0.0) is None
